@@ -1,0 +1,1 @@
+"""REST routes: thin adapters from HTTP to the domain layer."""

@@ -1,0 +1,89 @@
+"""The application factory and its lifespan, where every shared resource is made and closed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from chat_service import __version__
+from chat_service.api import auth, health
+from chat_service.db import create_engine, create_session_factory
+from chat_service.domain.accounts import AccountService
+from chat_service.errors import install_error_handlers
+from chat_service.logging_config import configure_logging
+from chat_service.ratelimit import RateLimiter
+from chat_service.security.passwords import PasswordHasher
+from chat_service.security.tokens import AccessTokenCodec
+from chat_service.settings import Settings, load_settings
+
+API_PREFIX = "/api/v1"
+DESCRIPTION = """
+Authenticated real-time chat. REST for accounts, rooms and history; a WebSocket at `/ws` for
+live messages (see `openapi/asyncapi.yaml` and `docs/protocol.md`).
+
+Every error answers `{"detail": "...", "code": "..."}` (plus `errors` on 422). Rate-limited
+endpoints send `RateLimit-Policy` and `RateLimit` headers, and `Retry-After` with 429.
+"""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    engine = create_engine(settings)
+    hasher = PasswordHasher(
+        memory_kib=settings.argon2_memory_kib,
+        time_cost=settings.argon2_time_cost,
+        parallelism=settings.argon2_parallelism,
+        concurrency=settings.password_hash_concurrency,
+    )
+    codec = AccessTokenCodec(
+        secret=settings.jwt_secret,
+        algorithm=settings.jwt_algorithm,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        ttl_s=settings.access_token_ttl_s,
+    )
+    limiter = RateLimiter(settings.rate_limit_storage_url)
+    app.state.engine = engine
+    app.state.limiter = limiter
+    app.state.accounts = AccountService(
+        create_session_factory(engine), hasher, codec, limiter, settings
+    )
+    try:
+        yield
+    finally:
+        hasher.close()
+        await engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    app = FastAPI(
+        title="chat-service",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_methods=["GET", "POST", "PATCH", "DELETE"],
+        allow_headers=["Authorization", "Content-Type"],
+        expose_headers=["Retry-After", "RateLimit", "RateLimit-Policy"],
+        max_age=600,
+    )
+    app.include_router(health.router)
+    app.include_router(auth.router, prefix=API_PREFIX)
+    return app
+
+
+def app_factory() -> FastAPI:
+    """What uvicorn calls in each worker process: settings from the environment, logging set."""
+    settings = load_settings()
+    configure_logging(settings)
+    return create_app(settings)

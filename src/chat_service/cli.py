@@ -1,0 +1,105 @@
+"""`chat-service` command line: serve, migrate, openapi."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from chat_service.settings import Settings, load_settings
+
+log = logging.getLogger("chat_service.cli")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="chat-service", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP and WebSocket server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(handler=_serve)
+
+    migrate = commands.add_parser("migrate", help="upgrade the database schema and exit")
+    migrate.add_argument("--revision", default="head")
+    migrate.set_defaults(handler=_migrate)
+
+    openapi = commands.add_parser("openapi", help="print the OpenAPI document")
+    openapi.add_argument("--output", type=Path, help="write to this file instead of stdout")
+    openapi.set_defaults(handler=_openapi)
+
+    args = parser.parse_args(argv)
+    sys.exit(args.handler(args))
+
+
+def _settings() -> Settings:
+    """Settings with logging set up from them, or a one-line error for the operator."""
+    from chat_service.logging_config import configure_logging
+
+    try:
+        configure_logging(Settings())
+        return load_settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        sys.exit(f"chat-service: invalid configuration: {problems}")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from chat_service.db import migrate
+
+    settings = _settings()
+    if args.workers > 1 and settings.broker_url.startswith("memory://"):
+        log.error(
+            "--workers %d needs a shared broker: with BROKER_URL=memory:// each worker "
+            "would see only its own sockets. Set BROKER_URL=redis://... or use one worker.",
+            args.workers,
+        )
+        return 2
+    if settings.auto_migrate:
+        migrate(settings.resolved_database_url)
+    uvicorn.run(
+        "chat_service.app:app_factory",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        ws_max_size=settings.frame_max_bytes,
+        ws_ping_interval=settings.heartbeat_interval_s,
+        ws_ping_timeout=settings.heartbeat_timeout_s,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        server_header=False,
+        log_config=None,
+    )
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from chat_service.db import migrate
+
+    settings = _settings()
+    migrate(settings.resolved_database_url, args.revision)
+    return 0
+
+
+def _openapi(args: argparse.Namespace) -> int:
+    from chat_service.app import create_app
+    from chat_service.openapi_export import render_openapi
+
+    document = render_openapi(create_app(Settings(jwt_secret="x" * 32)))
+    if args.output:
+        args.output.write_text(document)
+    else:
+        sys.stdout.write(document)
+    return 0

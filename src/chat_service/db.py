@@ -1,0 +1,94 @@
+"""Database engine, sessions and migrations, for Postgres (asyncpg) and SQLite (aiosqlite)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic.config import Config
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from alembic import command
+from chat_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SessionFactory = async_sessionmaker[AsyncSession]
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url, settings)
+    return create_async_engine(
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_pre_ping=True,
+        pool_timeout=settings.db_connect_timeout_s,
+        connect_args={
+            "command_timeout": settings.db_command_timeout_s,
+            "timeout": settings.db_connect_timeout_s,
+            "server_settings": {"application_name": "chat-service"},
+        },
+    )
+
+
+def _sqlite_engine(url: str, settings: Settings) -> AsyncEngine:
+    database = sa.make_url(url).database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(
+        url, connect_args={"timeout": settings.db_command_timeout_s}, pool_pre_ping=True
+    )
+
+    @sa.event.listens_for(engine.sync_engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, open transactions (see _begin_immediate).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(settings.db_command_timeout_s * 1000)}")
+        cursor.close()
+
+    @sa.event.listens_for(engine.sync_engine, "begin")
+    def _begin_immediate(connection: sa.Connection) -> None:
+        # A deferred transaction that reads and then writes fails with SQLITE_BUSY when
+        # another writer got in between; taking the write lock up front makes it wait.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def create_session_factory(engine: AsyncEngine) -> SessionFactory:
+    return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+
+
+async def ping(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        await connection.execute(sa.text("SELECT 1"))
+
+
+def alembic_config(database_url: str) -> Config:
+    """Alembic's config built in code, so migrations run from a wheel as well as a checkout."""
+    config = Config()
+    config.set_main_option("script_location", str(_migrations_dir()))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def _migrations_dir() -> Path:
+    packaged = Path(__file__).parent / "_alembic"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "alembic"
+
+
+def migrate(database_url: str, revision: str = "head") -> None:
+    """Upgrade the database to `revision`. Blocking: call it outside the event loop."""
+    log.info("applying database migrations", extra={"revision": revision})
+    command.upgrade(alembic_config(database_url), revision)

@@ -1,0 +1,1 @@
+"""Domain logic shared by the REST API and the WebSocket gateway."""

@@ -1,0 +1,283 @@
+"""Accounts, sessions and tokens: signup, login, refresh rotation, logout, WebSocket tickets.
+
+A session is one login. Its refresh tokens rotate: each is single-use, and presenting a spent
+one again means it leaked, so the whole session is revoked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, delete, select, update
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from chat_service.clock import utcnow
+from chat_service.db import SessionFactory
+from chat_service.errors import Conflict, Forbidden, RateLimited, Unauthorized
+from chat_service.models import AuthSession, RefreshToken, User, WsTicket
+from chat_service.ratelimit import RateLimiter, Rule, Usage, rate_limit_headers
+from chat_service.schemas import AuthResult, UserCreate, UserPublic
+from chat_service.schemas import WsTicket as WsTicketBody
+from chat_service.security.passwords import PasswordHasher
+from chat_service.security.tokens import AccessTokenCodec, TokenError, digest, new_opaque_token
+from chat_service.settings import Settings
+
+INVALID_CREDENTIALS = "Incorrect username or password"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the user behind a verified access token, and that token's session."""
+
+    user: User
+    session_id: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A result plus the rate-limit usage to report in response headers."""
+
+    result: AuthResult
+    usages: list[Usage] = field(default_factory=list)
+
+
+class LoginFailed(Unauthorized):
+    """Wrong password or unknown user (indistinguishable), with the rate-limit usage so far."""
+
+    def __init__(self, usages: list[Usage]) -> None:
+        super().__init__(INVALID_CREDENTIALS, code="invalid_credentials")
+        self.headers.update(rate_limit_headers(usages))
+
+
+class AccountService:
+    def __init__(
+        self,
+        sessions: SessionFactory,
+        hasher: PasswordHasher,
+        codec: AccessTokenCodec,
+        limiter: RateLimiter,
+        settings: Settings,
+    ) -> None:
+        self._sessions = sessions
+        self._hasher = hasher
+        self._codec = codec
+        self._limiter = limiter
+        self._refresh_ttl = timedelta(seconds=settings.refresh_token_ttl_s)
+        self._ticket_ttl = timedelta(seconds=settings.ws_ticket_ttl_s)
+        self._signup_rule = Rule.parse("signup-ip", settings.signup_ip_limit)
+        self._login_ip_rule = Rule.parse("login-ip", settings.login_ip_limit)
+        self._login_account_rule = Rule.parse("login-account", settings.login_account_limit)
+
+    async def signup(self, data: UserCreate, client_ip: str) -> Outcome:
+        usage = await self._limiter.hit(self._signup_rule, client_ip)
+        key = data.username.lower()
+        async with self._sessions() as db:
+            if await _user_by_key(db, key) is not None:
+                raise Conflict("This username is taken", code="username_taken")
+        password_hash = await self._hasher.hash(data.password)
+        user = User(
+            username=data.username,
+            username_key=key,
+            display_name=data.display_name or data.username,
+            password_hash=password_hash,
+        )
+        async with self._sessions() as db:
+            db.add(user)
+            try:
+                await db.flush()
+            except IntegrityError as exc:
+                raise Conflict("This username is taken", code="username_taken") from exc
+            result = await self._open_session(db, user)
+            await db.commit()
+        return Outcome(result, [usage])
+
+    async def login(self, username: str, password: str, client_ip: str) -> Outcome:
+        """Check a password. Unknown users cost the same hash and get the same answer."""
+        account = username.lower()
+        usages = [
+            await self._limiter.ensure_allowed(self._login_ip_rule, client_ip),
+            await self._limiter.ensure_allowed(self._login_account_rule, account),
+        ]
+        async with self._sessions() as db:
+            user = await _user_by_key(db, account)
+            verification = await self._hasher.verify(password, user.password_hash if user else None)
+            if user is None or not verification.ok:
+                raise LoginFailed(await self._count_failure(client_ip, account))
+            if user.disabled:
+                raise Forbidden("This account is disabled", code="account_disabled")
+            if verification.new_hash:
+                user.password_hash = verification.new_hash
+                db.add(user)
+            result = await self._open_session(db, user)
+            await db.commit()
+        return Outcome(result, usages)
+
+    async def _count_failure(self, client_ip: str, account: str) -> list[Usage]:
+        usages = []
+        for rule, key in ((self._login_ip_rule, client_ip), (self._login_account_rule, account)):
+            try:
+                usages.append(await self._limiter.hit(rule, key))
+            except RateLimited:
+                # This attempt was still a plain failure; the next one is refused up front.
+                usages.append(await self._limiter.usage(rule, key))
+        return usages
+
+    async def refresh(self, refresh_token: str) -> AuthResult:
+        """Swap a refresh token for a new pair. A spent token revokes its whole session."""
+        now = utcnow()
+        async with self._sessions() as db:
+            row = (
+                await db.exec(
+                    select(RefreshToken, AuthSession, User)
+                    .join(AuthSession, col(AuthSession.id) == RefreshToken.session_id)
+                    .join(User, col(User.id) == AuthSession.user_id)
+                    .where(RefreshToken.token_hash == digest(refresh_token))
+                )
+            ).first()
+            if row is None:
+                raise Unauthorized("Unknown refresh token")
+            token, session, user = row
+            if session.revoked_at is not None:
+                raise Unauthorized("This session has ended", code="session_revoked")
+            if token.used_at is None and token.expires_at <= now:
+                raise Unauthorized("The refresh token has expired", code="token_expired")
+            if token.used_at is not None or not await _spend(db, token.id, now):
+                await _revoke(db, session.id, "token_reused", now)
+                await db.commit()
+                raise Unauthorized(
+                    "This refresh token was already used; the session is revoked",
+                    code="token_reused",
+                )
+            if user.disabled:
+                raise Forbidden("This account is disabled", code="account_disabled")
+            result = await self._issue(db, user, session.id, now)
+            await db.commit()
+        return result
+
+    async def logout(self, principal: Principal, refresh_token: str) -> str:
+        """Revoke the session of `refresh_token` (the caller's own); return its id."""
+        async with self._sessions() as db:
+            session = (
+                await db.exec(
+                    select(AuthSession)
+                    .join(RefreshToken, col(RefreshToken.session_id) == AuthSession.id)
+                    .where(RefreshToken.token_hash == digest(refresh_token))
+                )
+            ).first()
+            if session is None or session.user_id != principal.user.id:
+                raise Unauthorized("Unknown refresh token")
+            await _revoke(db, session.id, "logout", utcnow())
+            await db.commit()
+        return session.id
+
+    async def issue_ticket(self, principal: Principal) -> WsTicketBody:
+        ticket = new_opaque_token()
+        now = utcnow()
+        async with self._sessions() as db:
+            await db.exec(delete(WsTicket).where(col(WsTicket.expires_at) < now))
+            db.add(
+                WsTicket(
+                    token_hash=digest(ticket),
+                    user_id=principal.user.id,
+                    session_id=principal.session_id,
+                    expires_at=now + self._ticket_ttl,
+                )
+            )
+            await db.commit()
+        return WsTicketBody(ticket=ticket, expires_in=int(self._ticket_ttl.total_seconds()))
+
+    async def redeem_ticket(self, ticket: str) -> Principal:
+        """Use up a WebSocket ticket; a second use, or one after expiry, is refused."""
+        async with self._sessions() as db:
+            redeemed = (
+                await db.exec(
+                    delete(WsTicket)
+                    .where(col(WsTicket.token_hash) == digest(ticket))
+                    .returning(col(WsTicket.session_id), col(WsTicket.expires_at))
+                )
+            ).first()
+            await db.commit()
+            if redeemed is None or redeemed[1] <= utcnow():
+                raise Unauthorized("Unknown, used or expired ticket")
+            # A ticket stands in for an access token issued now, and expires like one.
+            expires_at = utcnow() + timedelta(seconds=self._codec.ttl_s)
+            return await self._principal(db, None, redeemed[0], expires_at)
+
+    async def authenticate(self, access_token: str) -> Principal:
+        """Verify an access token and that its user and session still stand."""
+        try:
+            claims = self._codec.decode(access_token)
+        except TokenError as exc:
+            if exc.expired:
+                raise Unauthorized("The access token has expired", code="token_expired") from exc
+            raise Unauthorized("Invalid access token") from exc
+        async with self._sessions() as db:
+            return await self._principal(db, claims.user_id, claims.session_id, claims.expires_at)
+
+    async def _principal(
+        self, db: AsyncSession, user_id: str | None, session_id: str, expires_at: datetime
+    ) -> Principal:
+        query = (
+            select(User)
+            .join(AuthSession, col(AuthSession.user_id) == User.id)
+            .where(AuthSession.id == session_id, col(AuthSession.revoked_at).is_(None))
+        )
+        if user_id is not None:
+            query = query.where(User.id == user_id)
+        user = (await db.exec(query)).first()
+        if user is None:
+            raise Unauthorized("This session has ended", code="session_revoked")
+        if user.disabled:
+            raise Forbidden("This account is disabled", code="account_disabled")
+        return Principal(user, session_id, expires_at)
+
+    async def _open_session(self, db: AsyncSession, user: User) -> AuthResult:
+        session = AuthSession(user_id=user.id)
+        db.add(session)
+        await db.flush()
+        return await self._issue(db, user, session.id, utcnow())
+
+    async def _issue(
+        self, db: AsyncSession, user: User, session_id: str, now: datetime
+    ) -> AuthResult:
+        refresh_token = new_opaque_token()
+        db.add(
+            RefreshToken(
+                session_id=session_id,
+                token_hash=digest(refresh_token),
+                created_at=now,
+                expires_at=now + self._refresh_ttl,
+            )
+        )
+        access_token, _ = self._codec.encode(user.id, session_id, now)
+        return AuthResult(
+            user=UserPublic.model_validate(user, from_attributes=True),
+            access_token=access_token,
+            refresh_token=refresh_token,
+            expires_in=self._codec.ttl_s,
+        )
+
+
+async def _user_by_key(db: AsyncSession, key: str) -> User | None:
+    return (await db.exec(select(User).where(User.username_key == key))).first()
+
+
+async def _spend(db: AsyncSession, token_id: str, now: datetime) -> bool:
+    """Mark a refresh token used; False when a concurrent request spent it first."""
+    result = await db.exec(
+        update(RefreshToken)
+        .where(col(RefreshToken.id) == token_id, col(RefreshToken.used_at).is_(None))
+        .values(used_at=now)
+    )
+    return bool(result.rowcount == 1)
+
+
+async def _revoke(db: AsyncSession, session_id: str, reason: str, now: datetime) -> None:
+    await db.exec(
+        update(AuthSession)
+        .where(col(AuthSession.id) == session_id, col(AuthSession.revoked_at).is_(None))
+        .values(revoked_at=now, revoked_reason=reason)
+    )

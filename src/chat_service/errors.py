@@ -1,0 +1,180 @@
+"""Domain errors, and the one place that turns them (and every other failure) into HTTP answers.
+
+Every error body has the contract's shape: ``{"detail": str, "code": str}``, plus ``errors``
+for validation failures. The WebSocket gateway maps the same DomainError codes to error frames.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class DomainError(Exception):
+    """A failure the client can understand; `code` is the stable machine-readable part."""
+
+    status: int = HTTPStatus.BAD_REQUEST
+    code: str = "bad_request"
+    detail: str = "Bad request"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.detail = detail or self.detail
+        self.code = code or self.code
+        self.headers = dict(headers or {})
+        super().__init__(self.detail)
+
+
+class InvalidInput(DomainError):
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+    code = "invalid"
+    detail = "Invalid input"
+
+
+class Unauthorized(DomainError):
+    status = HTTPStatus.UNAUTHORIZED
+    code = "invalid_token"
+    detail = "Missing, invalid or expired credentials"
+
+    def __init__(self, detail: str | None = None, *, code: str | None = None) -> None:
+        super().__init__(detail, code=code, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(DomainError):
+    status = HTTPStatus.FORBIDDEN
+    code = "forbidden"
+    detail = "You are not allowed to do this"
+
+
+class NotFound(DomainError):
+    status = HTTPStatus.NOT_FOUND
+    code = "not_found"
+    detail = "Not found"
+
+
+class Conflict(DomainError):
+    status = HTTPStatus.CONFLICT
+    code = "conflict"
+    detail = "Conflict"
+
+
+class RateLimited(DomainError):
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    code = "rate_limited"
+    detail = "Too many requests; retry later"
+
+    def __init__(self, retry_after: int, headers: Mapping[str, str] | None = None) -> None:
+        self.retry_after = max(1, retry_after)
+        super().__init__(
+            f"Too many requests; retry in {self.retry_after} s",
+            headers={**(headers or {}), "Retry-After": str(self.retry_after)},
+        )
+
+
+class Unavailable(DomainError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "unavailable"
+    detail = "A backing service is unavailable; retry later"
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    detail: str
+    code: str
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(ErrorBody):
+    """The body of a 422: which fields failed and why."""
+
+    errors: list[FieldError]
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "invalid_token",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def error_response(
+    status: int, code: str, detail: str, headers: Mapping[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    return JSONResponse(
+        {"detail": detail, "code": code, **extra}, status_code=status, headers=dict(headers or {})
+    )
+
+
+async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    return error_response(exc.status, exc.code, exc.detail, exc.headers)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    code = _HTTP_CODES.get(exc.status_code, HTTPStatus(exc.status_code).phrase.lower())
+    return error_response(exc.status_code, code.replace(" ", "_"), detail, exc.headers)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        # Echoing the rejected input would reflect passwords back: only where and why.
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error["type"]}
+        for error in exc.errors()
+    ]
+    return error_response(422, "invalid", "The request is not valid", errors=errors)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error(
+        "unhandled error",
+        exc_info=exc,
+        extra={"path": request.url.path, "method": request.method},
+    )
+    return error_response(500, "internal", "Internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for the error statuses a route can answer."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        model = ValidationErrorBody if status == 422 else ErrorBody
+        responses[status] = {"model": model, "description": HTTPStatus(status).phrase}
+    return responses

@@ -1,0 +1,89 @@
+"""Rate limits on the `limits` async API: in-process (memory://) or shared (redis://).
+
+HTTP answers carry the IETF RateLimit headers (draft-ietf-httpapi-ratelimit-headers):
+``RateLimit-Policy: "<name>";q=<quota>;w=<window s>`` and
+``RateLimit: "<name>";r=<remaining>;t=<seconds until reset>``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from limits import RateLimitItem, parse
+from limits.aio.storage import Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+
+from chat_service.errors import RateLimited
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    item: RateLimitItem
+
+    @classmethod
+    def parse(cls, name: str, spec: str) -> Rule:
+        """`spec` is the `limits` notation, e.g. "5/15 minutes" or "20/minute"."""
+        return cls(name, parse(spec))
+
+    @property
+    def policy_header(self) -> str:
+        return f'"{self.name}";q={self.item.amount};w={self.item.get_expiry()}'
+
+
+@dataclass(frozen=True)
+class Usage:
+    rule: Rule
+    remaining: int
+    reset_in_s: int
+
+    @property
+    def header(self) -> str:
+        return f'"{self.rule.name}";r={self.remaining};t={self.reset_in_s}'
+
+
+def rate_limit_headers(usages: list[Usage]) -> dict[str, str]:
+    if not usages:
+        return {}
+    return {
+        "RateLimit-Policy": ", ".join(usage.rule.policy_header for usage in usages),
+        "RateLimit": ", ".join(usage.header for usage in usages),
+    }
+
+
+class RateLimiter:
+    def __init__(self, storage_url: str) -> None:
+        storage = storage_from_string(_async_scheme(storage_url))
+        assert isinstance(storage, Storage)
+        self.storage = storage
+        self._strategy = MovingWindowRateLimiter(self.storage)
+
+    async def usage(self, rule: Rule, key: str) -> Usage:
+        stats = await self._strategy.get_window_stats(rule.item, rule.name, key)
+        reset_in = max(0, math.ceil(stats.reset_time - time.time()))
+        return Usage(rule, stats.remaining, reset_in)
+
+    async def ensure_allowed(self, rule: Rule, key: str) -> Usage:
+        """Raise RateLimited when `key` has used up `rule`, without counting this call."""
+        usage = await self.usage(rule, key)
+        if usage.remaining <= 0:
+            raise RateLimited(usage.reset_in_s or 1, rate_limit_headers([usage]))
+        return usage
+
+    async def hit(self, rule: Rule, key: str) -> Usage:
+        """Count one event against `rule` for `key`; raise RateLimited if it was one too many."""
+        allowed = await self._strategy.hit(rule.item, rule.name, key)
+        usage = await self.usage(rule, key)
+        if not allowed:
+            raise RateLimited(usage.reset_in_s or 1, rate_limit_headers([usage]))
+        return usage
+
+    async def reset(self) -> None:
+        await self.storage.reset()
+
+
+def _async_scheme(url: str) -> str:
+    return url if url.startswith("async+") else f"async+{url}"

@@ -1,0 +1,1 @@
+"""Credentials: password hashing, JWTs and opaque tokens, each behind one small module."""

@@ -1,0 +1,213 @@
+"""Test harness: an ephemeral, migrated database per run, clean tables per test.
+
+Postgres by default (TEST_DATABASE_URL names the server); `--db sqlite` or TEST_DB=sqlite runs
+the same suite on a SQLite file. The database is dropped at the end, even after failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlmodel import SQLModel
+
+from chat_service.app import create_app
+from chat_service.db import migrate
+from chat_service.settings import Settings
+from tests.helpers import TEST_JWT_SECRET, ServerProcess, free_port
+
+DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+TEST_DB_PREFIX = "chat_test_"
+HOW_TO_START_POSTGRES = (
+    "Start one with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` "
+    "(Debian), `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`, "
+    "or point TEST_DATABASE_URL at another server. To test on SQLite instead: "
+    "`uv run pytest --db sqlite`."
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--db",
+        choices=("postgres", "sqlite"),
+        default=os.environ.get("TEST_DB", "postgres"),
+        help="database backend for the suite (default: postgres; env TEST_DB)",
+    )
+
+
+@pytest.fixture(scope="session")
+def backend(pytestconfig: pytest.Config) -> str:
+    return str(pytestconfig.getoption("--db"))
+
+
+@pytest.fixture(scope="session")
+async def database_url(
+    backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    """A new database, migrated to head by Alembic, dropped when the run ends."""
+    if backend == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'chat.db'}"
+        await asyncio.to_thread(migrate, url)
+        yield url
+        return
+    async with ephemeral_postgres("suite") as url:
+        await asyncio.to_thread(migrate, url)
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def ephemeral_postgres(purpose: str) -> AsyncIterator[str]:
+    """Create a uniquely named database on the test server; drop it on exit, whatever happened."""
+    server_url = os.environ.get("TEST_DATABASE_URL", DEFAULT_SERVER_URL)
+    url = sa.make_url(server_url)
+    name = f"{TEST_DB_PREFIX}{os.getpid()}_{purpose}_{secrets.token_hex(4)}"
+    admin = await _admin_connection(url)
+    try:
+        await _drop_orphans(admin)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield url.set(drivername="postgresql+asyncpg", database=name).render_as_string(
+                hide_password=False
+            )
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def _admin_connection(url: sa.URL) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(
+            host=url.host,
+            port=url.port or 5432,
+            user=url.username,
+            password=url.password,
+            database=url.database or "postgres",
+            timeout=5,
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.exit(
+            f"No PostgreSQL server reachable at {url.render_as_string()} ({exc}). "
+            + HOW_TO_START_POSTGRES,
+            returncode=3,
+        )
+
+
+async def _drop_orphans(admin: asyncpg.Connection) -> None:
+    """Drop test databases left by runs that were killed before they could clean up."""
+    rows = await admin.fetch(
+        "SELECT datname FROM pg_database WHERE datname LIKE $1", TEST_DB_PREFIX + "%"
+    )
+    for row in rows:
+        pid = row["datname"][len(TEST_DB_PREFIX) :].split("_", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            await admin.execute(f'DROP DATABASE IF EXISTS "{row["datname"]}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def test_database(database_url: str, engine: AsyncEngine) -> AsyncIterator[str]:
+    """The suite's database for one test, emptied after it (every DB fixture goes through here)."""
+    yield database_url
+    tables = [table.name for table in reversed(SQLModel.metadata.sorted_tables)]
+    async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(sa.text(f"TRUNCATE {', '.join(tables)} CASCADE"))
+        else:
+            for table in tables:
+                await connection.execute(sa.text(f"DELETE FROM {table}"))
+
+
+@pytest.fixture
+def settings_factory(test_database: str, tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": test_database,
+            "jwt_secret": TEST_JWT_SECRET,
+            "data_dir": tmp_path / "data",
+            "auto_migrate": False,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(settings_factory: Callable[..., Settings]) -> Settings:
+    return settings_factory()
+
+
+AppFactory = Callable[..., Awaitable[FastAPI]]
+
+
+@pytest.fixture
+async def app_factory(
+    settings_factory: Callable[..., Settings],
+) -> AsyncIterator[AppFactory]:
+    """Build apps (lifespan started) with setting overrides; all are shut down after the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(**overrides: Any) -> FastAPI:
+            app = create_app(settings_factory(**overrides))
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            return app
+
+        yield make
+
+
+@pytest.fixture
+async def app(app_factory: AppFactory) -> FastAPI:
+    return await app_factory()
+
+
+def client_for(app: FastAPI, ip: str = "127.0.0.1") -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(ip, 40000), raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(app) as client:
+        yield client
+
+
+@pytest.fixture
+def server_env(test_database: str, tmp_path: Path) -> dict[str, str]:
+    """Environment for a real `chat-service serve` process on the test database."""
+    return {
+        "DATABASE_URL": test_database,
+        "JWT_SECRET": TEST_JWT_SECRET,
+        "AUTO_MIGRATE": "false",
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "DEBUG",
+        "DATA_DIR": str(tmp_path / "data"),
+    }
+
+
+@pytest.fixture
+def server(server_env: dict[str, str], tmp_path: Path) -> Iterator[ServerProcess]:
+    """A real uvicorn process (`chat-service serve`) on a free port."""
+    process = ServerProcess(env=server_env, port=free_port(), workdir=tmp_path)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
