@@ -9,9 +9,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from chat_service import __version__
-from chat_service.api import auth, health
+from chat_service.api import auth, health, messages, rooms
 from chat_service.db import create_engine, create_session_factory
 from chat_service.domain.accounts import AccountService
+from chat_service.domain.events import EventBus
+from chat_service.domain.messages import MessageService
+from chat_service.domain.rooms import RoomService
 from chat_service.errors import install_error_handlers
 from chat_service.logging_config import configure_logging
 from chat_service.ratelimit import RateLimiter
@@ -47,11 +50,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ttl_s=settings.access_token_ttl_s,
     )
     limiter = RateLimiter(settings.rate_limit_storage_url)
+    sessions = create_session_factory(engine)
+    events = EventBus()
     app.state.engine = engine
     app.state.limiter = limiter
-    app.state.accounts = AccountService(
-        create_session_factory(engine), hasher, codec, limiter, settings
-    )
+    app.state.events = events
+    app.state.accounts = AccountService(sessions, hasher, codec, limiter, settings)
+    app.state.rooms = RoomService(sessions, events)
+    app.state.messages = MessageService(sessions, events, settings.message_max_chars)
     try:
         yield
     finally:
@@ -79,6 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(health.router)
     app.include_router(auth.router, prefix=API_PREFIX)
+    app.include_router(rooms.router, prefix=API_PREFIX)
+    app.include_router(messages.router, prefix=API_PREFIX)
     return app
 
 

@@ -48,14 +48,16 @@ def _settings() -> Settings:
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
         sys.exit(f"chat-service: invalid configuration: {problems}")
+    except ValueError as exc:
+        sys.exit(f"chat-service: invalid configuration: {exc}")
 
 
 def _serve(args: argparse.Namespace) -> int:
+    settings = _settings()
     import uvicorn
 
     from chat_service.db import migrate
 
-    settings = _settings()
     if args.workers > 1 and settings.broker_url.startswith("memory://"):
         log.error(
             "--workers %d needs a shared broker: with BROKER_URL=memory:// each worker "

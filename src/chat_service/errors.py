@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -33,17 +34,25 @@ class DomainError(Exception):
         *,
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
+        **extra: Any,
     ) -> None:
         self.detail = detail or self.detail
         self.code = code or self.code
         self.headers = dict(headers or {})
+        self.extra = extra  # more fields for the error body, e.g. `errors` on a 422
         super().__init__(self.detail)
 
 
 class InvalidInput(DomainError):
+    """Input that passed the schema but not a rule; `field` names it, as validation errors do."""
+
     status = HTTPStatus.UNPROCESSABLE_ENTITY
     code = "invalid"
     detail = "Invalid input"
+
+    def __init__(self, detail: str, *, field: str, code: str | None = None) -> None:
+        error = {"loc": ["body", field], "msg": detail, "type": code or self.code}
+        super().__init__(detail, code=code, errors=[error])
 
 
 class Unauthorized(DomainError):
@@ -92,6 +101,17 @@ class Unavailable(DomainError):
     detail = "A backing service is unavailable; retry later"
 
 
+# What a database outage looks like from here: refused or dropped connections, timeouts.
+# These become 503 `unavailable` (1013 on a socket), never 500: retrying later will work.
+STORAGE_FAILURES: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    OSError,
+    TimeoutError,
+)
+
+
 class ErrorBody(BaseModel):
     """The body of every error response."""
 
@@ -135,7 +155,7 @@ def error_response(
 
 async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    return error_response(exc.status, exc.code, exc.detail, exc.headers)
+    return error_response(exc.status, exc.code, exc.detail, exc.headers, **exc.extra)
 
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -155,6 +175,14 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid", "The request is not valid", errors=errors)
 
 
+async def _storage_failure(request: Request, exc: Exception) -> JSONResponse:
+    log.warning(
+        "storage unavailable",
+        extra={"path": request.url.path, "error": type(exc).__name__},
+    )
+    return error_response(503, Unavailable.code, Unavailable.detail, headers={"Retry-After": "1"})
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.error(
         "unhandled error",
@@ -168,6 +196,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    for failure in STORAGE_FAILURES:
+        app.add_exception_handler(failure, _storage_failure)
     app.add_exception_handler(Exception, _unexpected_error)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+import tempfile
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -134,14 +136,7 @@ def _dev_secret(data_dir: Path) -> str:
     """Generate the development secret once and keep it beside the embedded database."""
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / DEV_SECRET_FILE
-    try:
-        # O_EXCL: two workers starting at once must not each write a different secret.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as file:
-            file.write(secrets.token_urlsafe(48))
+    _write_once(path, secrets.token_urlsafe(48))
     if not _dev_secret_announced:
         _dev_secret_announced.append(path)
         log.warning(
@@ -149,12 +144,41 @@ def _dev_secret(data_dir: Path) -> str:
             "Set JWT_SECRET and ENVIRONMENT=production for any real deployment.",
             path,
         )
-    return path.read_text().strip()
+    secret = path.read_text().strip()
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"the development secret in {path} is damaged (under {MIN_SECRET_BYTES} bytes): "
+            "delete the file and a new one is made at the next start"
+        )
+    return secret
+
+
+def _write_once(path: Path, content: str) -> None:
+    """Create `path` with `content` atomically: readers see the whole file or none.
+
+    Workers starting together race here; a hard link never replaces an existing file, so
+    exactly one secret wins and nobody reads a half-written one.
+    """
+    if path.exists():
+        return
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        os.unlink(temporary)
 
 
 def load_settings(**overrides: object) -> Settings:
     """Build the settings, filling in the development secret when dev mode leaves it empty."""
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    if not settings.jwt_secret:
-        settings = settings.model_copy(update={"jwt_secret": _dev_secret(settings.data_dir)})
-    return settings
+    if settings.jwt_secret:
+        return settings
+    # Validated again, so a damaged secret file is refused like a short JWT_SECRET.
+    return Settings.model_validate(
+        {**settings.model_dump(), "jwt_secret": _dev_secret(settings.data_dir)}
+    )

@@ -8,6 +8,8 @@ from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from chat_service.domain.accounts import AccountService, Principal
+from chat_service.domain.messages import MessageService
+from chat_service.domain.rooms import RoomService
 from chat_service.errors import Unauthorized
 
 # auto_error=False: a missing token gets the contract's error body, not FastAPI's default.
@@ -20,6 +22,22 @@ def get_accounts(request: Request) -> AccountService:
 
 
 AccountsDep = Annotated[AccountService, Depends(get_accounts)]
+
+
+def get_rooms(request: Request) -> RoomService:
+    rooms: RoomService = request.app.state.rooms
+    return rooms
+
+
+RoomsDep = Annotated[RoomService, Depends(get_rooms)]
+
+
+def get_messages(request: Request) -> MessageService:
+    messages: MessageService = request.app.state.messages
+    return messages
+
+
+MessagesDep = Annotated[MessageService, Depends(get_messages)]
 
 
 async def get_principal(

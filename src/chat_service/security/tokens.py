@@ -77,7 +77,10 @@ class AccessTokenCodec:
             raise TokenError("not an access token")
         if not isinstance(claims["sub"], str) or not isinstance(claims["sid"], str):
             raise TokenError("token subject is malformed")
-        expires_at = datetime.fromtimestamp(claims["exp"], UTC)
+        try:
+            expires_at = datetime.fromtimestamp(claims["exp"], UTC)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TokenError("token expiry is malformed") from exc
         return AccessClaims(claims["sub"], claims["sid"], expires_at)
 
 

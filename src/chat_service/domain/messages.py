@@ -1,0 +1,230 @@
+"""Messages: history, send (idempotent by client_id), edit, delete, read cursors.
+
+Every change in a room takes the next seq from `rooms.last_seq` in the transaction that writes
+it. The UPDATE that takes it locks the room's row until commit, so changes in one room commit
+one after another in seq order, and "everything after seq N" never skips a change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select, update
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from chat_service.clock import utcnow
+from chat_service.db import SessionFactory
+from chat_service.domain.access import OWNER, room_access, user_summary
+from chat_service.domain.events import Event, EventSink, EventType
+from chat_service.errors import Conflict, Forbidden, InvalidInput, NotFound
+from chat_service.models import Membership, Message, Room, User
+from chat_service.schemas import MessagePage, MessagePublic
+
+
+@dataclass(frozen=True)
+class Sent:
+    message: MessagePublic
+    created: bool  # False: this client_id was sent before and `message` is the original
+
+
+class MessageService:
+    def __init__(self, sessions: SessionFactory, events: EventSink, max_chars: int) -> None:
+        self._sessions = sessions
+        self._events = events
+        self._max_chars = max_chars
+
+    async def history(
+        self,
+        user_id: str,
+        room_id: str,
+        *,
+        before_seq: int | None = None,
+        after_seq: int | None = None,
+        limit: int = 50,
+    ) -> MessagePage:
+        """A page of messages, ascending.
+
+        `after_seq`: every message changed after that seq (new, edited or deleted), in change
+        order, each in its latest state. Otherwise the newest messages before `before_seq`.
+        """
+        if before_seq is not None and after_seq is not None:
+            raise InvalidInput("Give before_seq or after_seq, not both", field="after_seq")
+        statement = select(Message, User).join(User, col(User.id) == Message.author_id)
+        statement = statement.where(col(Message.room_id) == room_id).limit(limit + 1)
+        if after_seq is not None:
+            statement = statement.where(col(Message.change_seq) > after_seq).order_by(
+                col(Message.change_seq)
+            )
+        else:
+            if before_seq is not None:
+                statement = statement.where(col(Message.seq) < before_seq)
+            statement = statement.order_by(col(Message.seq).desc())
+        async with self._sessions() as db:
+            (await room_access(db, room_id, user_id)).member()
+            rows = list((await db.exec(statement)).all())
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        if after_seq is None:
+            rows.reverse()
+        return MessagePage(items=[_public(m, u) for m, u in rows], has_more=has_more)
+
+    async def send(
+        self, user_id: str, room_id: str, body: str, client_id: str | None = None
+    ) -> Sent:
+        self._check_body(body)
+        async with self._sessions() as db:
+            (await room_access(db, room_id, user_id)).member()
+            if client_id is not None:
+                original = await self._original(db, user_id, client_id, room_id)
+                if original is not None:
+                    return Sent(original, created=False)
+            seq = await _next_seq(db, room_id)
+            message = Message(
+                room_id=room_id,
+                seq=seq,
+                change_seq=seq,
+                author_id=user_id,
+                body=body,
+                client_id=client_id,
+            )
+            db.add(message)
+            try:
+                await db.commit()
+            except IntegrityError:
+                # The same client_id committed concurrently; its seq was rolled back with ours.
+                await db.rollback()
+                original = await self._original(db, user_id, client_id, room_id)
+                if original is None:
+                    raise
+                return Sent(original, created=False)
+            public = _public(message, await db.get_one(User, user_id))
+        self._announce("message.new", public)
+        return Sent(public, created=True)
+
+    async def edit(self, user_id: str, room_id: str, seq: int, body: str) -> MessagePublic:
+        self._check_body(body)
+        async with self._sessions() as db:
+            (await room_access(db, room_id, user_id)).member()
+            change_seq = await _next_seq(db, room_id)  # lock first, then read the message
+            message = await _message(db, room_id, seq)
+            if message.author_id != user_id:
+                raise Forbidden("Only the author can edit a message", code="not_author")
+            if message.deleted:
+                raise Conflict("This message was deleted", code="message_deleted")
+            message.body = body
+            message.change_seq = change_seq
+            message.edited_at = utcnow()
+            db.add(message)
+            await db.commit()
+            public = _public(message, await db.get_one(User, message.author_id))
+        self._announce("message.updated", public)
+        return public
+
+    async def delete(self, user_id: str, room_id: str, seq: int) -> None:
+        """Remove the body and keep a tombstone; deleting a deleted message changes nothing."""
+        async with self._sessions() as db:
+            access = await room_access(db, room_id, user_id)
+            membership = access.member()
+            change_seq = await _next_seq(db, room_id)
+            message = await _message(db, room_id, seq)
+            if message.author_id != user_id and membership.role != OWNER:
+                raise Forbidden(
+                    "Only the author or the room's owner can delete a message", code="not_author"
+                )
+            if message.deleted:
+                return  # leaving the block without commit gives the seq back
+            message.body = ""
+            message.deleted = True
+            message.change_seq = change_seq
+            db.add(message)
+            await db.commit()
+            public = _public(message, await db.get_one(User, message.author_id))
+        self._announce("message.deleted", public)
+
+    async def mark_read(self, user_id: str, room_id: str, seq: int) -> int:
+        """Move my read cursor forward (never back, never past the room's last seq)."""
+        async with self._sessions() as db:
+            access = await room_access(db, room_id, user_id)
+            access.member()
+            target = min(seq, access.room.last_seq)
+            await db.exec(
+                update(Membership)
+                .where(
+                    col(Membership.room_id) == room_id,
+                    col(Membership.user_id) == user_id,
+                    col(Membership.last_read_seq) < target,
+                )
+                .values(last_read_seq=target)
+            )
+            await db.commit()
+        return target
+
+    def _check_body(self, body: str) -> None:
+        if not body.strip():
+            raise InvalidInput("The message body is empty", field="body")
+        if len(body) > self._max_chars:
+            raise InvalidInput(
+                f"The message body is longer than {self._max_chars} characters",
+                field="body",
+                code="too_large",
+            )
+
+    async def _original(
+        self, db: AsyncSession, user_id: str, client_id: str | None, room_id: str
+    ) -> MessagePublic | None:
+        row = (
+            await db.exec(
+                select(Message, User)
+                .join(User, col(User.id) == Message.author_id)
+                .where(col(Message.author_id) == user_id, col(Message.client_id) == client_id)
+            )
+        ).first()
+        if row is None:
+            return None
+        message, author = row
+        if message.room_id != room_id:
+            raise Conflict(
+                "This client_id was already used for a message in another room",
+                code="client_id_reused",
+            )
+        return _public(message, author)
+
+    def _announce(self, event_type: EventType, message: MessagePublic) -> None:
+        self._events.publish(
+            Event(event_type, {"message": message.model_dump(mode="json")}, room_id=message.room_id)
+        )
+
+
+async def _next_seq(db: AsyncSession, room_id: str) -> int:
+    result = await db.exec(
+        update(Room)
+        .where(col(Room.id) == room_id)
+        .values(last_seq=col(Room.last_seq) + 1)
+        .returning(col(Room.last_seq))
+    )
+    return int(result.scalar_one())
+
+
+async def _message(db: AsyncSession, room_id: str, seq: int) -> Message:
+    message = (
+        await db.exec(select(Message).where(col(Message.room_id) == room_id, Message.seq == seq))
+    ).first()
+    if message is None:
+        raise NotFound("Message not found", code="message_not_found")
+    return message
+
+
+def _public(message: Message, author: User) -> MessagePublic:
+    return MessagePublic(
+        id=message.id,
+        room_id=message.room_id,
+        seq=message.seq,
+        change_seq=message.change_seq,
+        author=user_summary(author),
+        body=message.body,
+        client_id=message.client_id,
+        created_at=message.created_at,
+        edited_at=message.edited_at,
+        deleted=message.deleted,
+    )

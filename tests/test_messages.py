@@ -1,0 +1,477 @@
+"""Messages over REST: history paging, idempotent sends, edits, deletes, read cursors, seqs."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from chat_service.domain.events import Event
+from tests.conftest import client_for
+from tests.helpers import API, bearer, signup
+from tests.test_auth import assert_error
+
+Headers = dict[str, str]
+
+
+async def make_user(client: httpx.AsyncClient, name: str) -> Headers:
+    return bearer((await signup(client, name))["access_token"])
+
+
+async def make_room(client: httpx.AsyncClient, owner: Headers, **fields: Any) -> str:
+    response = await client.post(f"{API}/rooms", json={"name": "room", **fields}, headers=owner)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+async def send(
+    client: httpx.AsyncClient, room: str, who: Headers, body: str, **extra: Any
+) -> httpx.Response:
+    return await client.post(
+        f"{API}/rooms/{room}/messages", json={"body": body, **extra}, headers=who
+    )
+
+
+async def history(
+    client: httpx.AsyncClient, room: str, who: Headers, **params: Any
+) -> dict[str, Any]:
+    response = await client.get(f"{API}/rooms/{room}/messages", params=params, headers=who)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+@pytest.fixture
+async def chat(client: httpx.AsyncClient) -> tuple[str, Headers, Headers]:
+    """A public room owned by alice, which bob has joined."""
+    alice = await make_user(client, "alice")
+    bob = await make_user(client, "bob")
+    room = await make_room(client, alice)
+    assert (await client.post(f"{API}/rooms/{room}/join", headers=bob)).status_code == 200
+    return room, alice, bob
+
+
+@pytest.fixture
+def events(app: FastAPI) -> list[Event]:
+    seen: list[Event] = []
+    app.state.events.subscribe(seen.append)
+    return seen
+
+
+# --- send -----------------------------------------------------------------------------------
+
+
+async def test_send_returns_the_stored_message(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers], events: list[Event]
+) -> None:
+    room, alice, _ = chat
+    response = await send(client, room, alice, "hello <b>world</b>", client_id="c-1")
+    assert response.status_code == 201
+    message = response.json()
+    assert set(message) == {
+        "id", "room_id", "seq", "change_seq", "author", "body", "client_id",
+        "created_at", "edited_at", "deleted",
+    }  # fmt: skip
+    assert message["seq"] == message["change_seq"] == 1
+    assert message["body"] == "hello <b>world</b>"  # stored as sent: escaping is the client's
+    assert message["author"]["username"] == "alice"
+    assert (message["client_id"], message["edited_at"], message["deleted"]) == ("c-1", None, False)
+    assert [(e.type, e.room_id, e.data["message"]) for e in events] == [
+        ("message.new", room, message)
+    ]
+
+
+async def test_repeated_client_id_returns_the_original(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers], events: list[Event]
+) -> None:
+    room, alice, bob = chat
+    first = await send(client, room, alice, "once", client_id="same")
+    again = await send(client, room, alice, "once, retried", client_id="same")
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json()
+    # client_ids are per author: bob may use the same one.
+    assert (await send(client, room, bob, "mine", client_id="same")).status_code == 201
+    assert len(events) == 2
+    assert len((await history(client, room, alice))["items"]) == 2
+
+
+async def test_concurrent_resends_store_one_message(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers]
+) -> None:
+    room, alice, _ = chat
+    responses = await asyncio.gather(
+        *(send(client, room, alice, "flaky network", client_id="retry-me") for _ in range(6))
+    )
+    assert sorted(r.status_code for r in responses) == [200] * 5 + [201]
+    assert len({r.json()["id"] for r in responses}) == 1
+    page = await history(client, room, alice)
+    assert [m["seq"] for m in page["items"]] == [1]
+    # The losers' seqs were rolled back with them: the next message takes seq 2.
+    assert (await send(client, room, alice, "next")).json()["seq"] == 2
+
+
+async def test_client_id_reused_in_another_room_is_a_conflict(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers]
+) -> None:
+    room, alice, _ = chat
+    other = await make_room(client, alice, name="other")
+    await send(client, room, alice, "here", client_id="c-9")
+    assert_error(
+        await send(client, other, alice, "there", client_id="c-9"), 409, "client_id_reused"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [("", "invalid"), ("   \n\t", "invalid"), ("x" * 4001, "too_large")],
+    ids=["empty", "whitespace", "4001"],
+)
+async def test_body_limits(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers], body: str, code: str
+) -> None:
+    room, alice, _ = chat
+    response = await send(client, room, alice, body)
+    assert_error(response, 422, code)
+    assert response.json()["errors"][0]["loc"] == ["body", "body"]
+
+
+async def test_body_of_4000_characters_and_unicode(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers]
+) -> None:
+    room, alice, _ = chat
+    longest = "é" * 3999 + "🙂"  # 4000 characters, more than 4000 bytes
+    response = await send(client, room, alice, longest)
+    assert response.status_code == 201
+    assert response.json()["body"] == longest
+
+
+@pytest.mark.parametrize(
+    "client_id", ["", "x" * 65, "has space", "ünïcode"], ids=["empty", "65", "space", "unicode"]
+)
+async def test_client_id_format(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers], client_id: str
+) -> None:
+    room, alice, _ = chat
+    assert_error(await send(client, room, alice, "hi", client_id=client_id), 422, "invalid")
+
+
+async def test_author_cannot_be_forged(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers]
+) -> None:
+    room, alice, bob = chat
+    alice_id = (await client.get(f"{API}/users/me", headers=alice)).json()["id"]
+    forged = await send(client, room, bob, "I am alice", author_id=alice_id)
+    assert_error(forged, 422, "invalid")
+    forged = await send(client, room, bob, "I am alice", author={"id": alice_id})
+    assert_error(forged, 422, "invalid")
+    assert (await history(client, room, alice))["items"] == []
+
+
+async def test_outsiders_cannot_send_or_read(client: httpx.AsyncClient) -> None:
+    alice = await make_user(client, "alice")
+    eve = await make_user(client, "eve")
+    public = await make_room(client, alice)
+    private = await make_room(client, alice, visibility="private")
+    assert_error(await send(client, public, eve, "hi"), 403, "not_member")
+    assert_error(await send(client, private, eve, "hi"), 404, "room_not_found")
+    response = await client.get(f"{API}/rooms/{private}/messages", headers=eve)
+    assert_error(response, 404, "room_not_found")
+    response = await client.get(f"{API}/rooms/{public}/messages", headers=eve)
+    assert_error(response, 403, "not_member")
+    assert_error(await send(client, "no-such-room", alice, "hi"), 404, "room_not_found")
+
+
+async def test_kicked_member_loses_access(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers]
+) -> None:
+    _, alice, _ = chat
+    carol = await make_user(client, "carol")
+    private = await make_room(client, alice, visibility="private")
+    added = await client.post(
+        f"{API}/rooms/{private}/members", json={"username": "carol"}, headers=alice
+    )
+    assert added.status_code == 201
+    await send(client, private, carol, "I'm in")
+    carol_id = added.json()["user"]["id"]
+    kicked = await client.delete(f"{API}/rooms/{private}/members/{carol_id}", headers=alice)
+    assert kicked.status_code == 204
+    response = await client.get(f"{API}/rooms/{private}/messages", headers=carol)
+    assert_error(response, 404, "room_not_found")
+    assert_error(await send(client, private, carol, "still here?"), 404, "room_not_found")
+    edit = await client.patch(
+        f"{API}/rooms/{private}/messages/1", json={"body": "edited"}, headers=carol
+    )
+    assert_error(edit, 404, "room_not_found")
+
+
+# --- edit and delete ------------------------------------------------------------------------
+
+
+async def test_edit_takes_a_new_change_seq(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers], events: list[Event]
+) -> None:
+    room, alice, bob = chat
+    await send(client, room, alice, "first")
+    await send(client, room, bob, "second")
+    response = await client.patch(
+        f"{API}/rooms/{room}/messages/1", json={"body": "first, fixed"}, headers=alice
+    )
+    assert response.status_code == 200
+    edited = response.json()
+    assert (edited["seq"], edited["change_seq"], edited["body"]) == (1, 3, "first, fixed")
+    assert edited["edited_at"] is not None
+    assert events[-1].type == "message.updated"
+    assert events[-1].data["message"] == edited
+    changed = await history(client, room, bob, after_seq=2)
+    assert changed["items"] == [edited]
+
+
+async def test_only_the_author_edits(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers]
+) -> None:
+    room, alice, bob = chat
+    await send(client, room, bob, "bob's")
+    # Not even the room's owner may put words in bob's mouth.
+    response = await client.patch(
+        f"{API}/rooms/{room}/messages/1", json={"body": "owned"}, headers=alice
+    )
+    assert_error(response, 403, "not_author")
+    missing = await client.patch(f"{API}/rooms/{room}/messages/9", json={"body": "x"}, headers=bob)
+    assert_error(missing, 404, "message_not_found")
+    too_long = await client.patch(
+        f"{API}/rooms/{room}/messages/1", json={"body": "x" * 4001}, headers=bob
+    )
+    assert_error(too_long, 422, "too_large")
+    assert (await history(client, room, bob))["items"][0]["body"] == "bob's"
+    # A refused edit takes no seq.
+    assert (await send(client, room, bob, "next")).json()["seq"] == 2
+
+
+async def test_delete_leaves_a_tombstone(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers], events: list[Event]
+) -> None:
+    room, alice, bob = chat
+    await send(client, room, bob, "regrettable")
+    await send(client, room, bob, "fine")
+    assert (await client.delete(f"{API}/rooms/{room}/messages/1", headers=bob)).status_code == 204
+    tombstone = (await history(client, room, alice))["items"][0]
+    assert (tombstone["seq"], tombstone["change_seq"]) == (1, 3)
+    assert (tombstone["body"], tombstone["deleted"]) == ("", True)
+    assert events[-1].type == "message.deleted"
+    assert events[-1].data["message"] == tombstone
+    # Deleting again changes nothing; editing a tombstone is refused.
+    assert (await client.delete(f"{API}/rooms/{room}/messages/1", headers=bob)).status_code == 204
+    edit = await client.patch(f"{API}/rooms/{room}/messages/1", json={"body": "x"}, headers=bob)
+    assert_error(edit, 409, "message_deleted")
+    assert (await history(client, room, alice))["items"][0]["change_seq"] == 3
+    assert [e.type for e in events] == ["message.new", "message.new", "message.deleted"]
+
+
+async def test_owner_may_delete_others_messages_members_may_not(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers]
+) -> None:
+    room, alice, bob = chat
+    carol = await make_user(client, "carol")
+    await client.post(f"{API}/rooms/{room}/join", headers=carol)
+    await send(client, room, bob, "bob 1")
+    await send(client, room, alice, "alice 1")
+    response = await client.delete(f"{API}/rooms/{room}/messages/2", headers=carol)
+    assert_error(response, 403, "not_author")
+    response = await client.delete(f"{API}/rooms/{room}/messages/2", headers=bob)
+    assert_error(response, 403, "not_author")
+    assert (await client.delete(f"{API}/rooms/{room}/messages/1", headers=alice)).status_code == 204
+    items = (await history(client, room, carol))["items"]
+    assert [(m["seq"], m["deleted"]) for m in items] == [(1, True), (2, False)]
+
+
+# --- history paging -------------------------------------------------------------------------
+
+
+async def test_history_pages_backwards_and_forwards(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers]
+) -> None:
+    room, alice, _ = chat
+    for n in range(1, 8):
+        assert (await send(client, room, alice, f"m{n}")).json()["seq"] == n
+
+    newest = await history(client, room, alice, limit=3)
+    assert [m["seq"] for m in newest["items"]] == [5, 6, 7]
+    assert newest["has_more"] is True
+    older = await history(client, room, alice, before_seq=5, limit=3)
+    assert ([m["seq"] for m in older["items"]], older["has_more"]) == ([2, 3, 4], True)
+    oldest = await history(client, room, alice, before_seq=2, limit=3)
+    assert ([m["seq"] for m in oldest["items"]], oldest["has_more"]) == ([1], False)
+    assert (await history(client, room, alice, before_seq=1))["items"] == []
+
+    forward = await history(client, room, alice, after_seq=0, limit=4)
+    assert ([m["seq"] for m in forward["items"]], forward["has_more"]) == ([1, 2, 3, 4], True)
+    rest = await history(client, room, alice, after_seq=4, limit=4)
+    assert ([m["seq"] for m in rest["items"]], rest["has_more"]) == ([5, 6, 7], False)
+    exact = await history(client, room, alice, after_seq=3, limit=4)
+    assert ([m["seq"] for m in exact["items"]], exact["has_more"]) == ([4, 5, 6, 7], False)
+    assert (await history(client, room, alice, after_seq=7))["items"] == []
+    everything = await history(client, room, alice, limit=200)
+    assert ([m["seq"] for m in everything["items"]], everything["has_more"]) == (
+        list(range(1, 8)),
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"limit": 0},
+        {"limit": 201},
+        {"limit": "ten"},
+        {"before_seq": 0},
+        {"after_seq": -1},
+        {"before_seq": 5, "after_seq": 1},
+    ],
+    ids=["limit-0", "limit-201", "limit-text", "before-0", "after-negative", "both"],
+)
+async def test_history_parameter_limits(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers], params: dict[str, Any]
+) -> None:
+    room, alice, _ = chat
+    response = await client.get(f"{API}/rooms/{room}/messages", params=params, headers=alice)
+    assert_error(response, 422, "invalid")
+
+
+async def test_limit_200_is_accepted(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers]
+) -> None:
+    room, alice, _ = chat
+    page = await history(client, room, alice, limit=200)
+    assert page == {"items": [], "has_more": False}
+
+
+# --- read cursor ----------------------------------------------------------------------------
+
+
+async def test_read_cursor_moves_forward_only(
+    client: httpx.AsyncClient, chat: tuple[str, Headers, Headers]
+) -> None:
+    room, alice, bob = chat
+    for n in range(4):
+        await send(client, room, alice, f"m{n}")
+
+    async def my_room() -> dict[str, Any]:
+        response = await client.get(f"{API}/rooms/{room}", headers=bob)
+        body: dict[str, Any] = response.json()
+        return body
+
+    assert ((await my_room())["unread_count"], (await my_room())["last_seq"]) == (4, 4)
+    read = await client.post(f"{API}/rooms/{room}/read", json={"seq": 3}, headers=bob)
+    assert read.status_code == 204
+    assert (await my_room())["unread_count"] == 1
+    await client.post(f"{API}/rooms/{room}/read", json={"seq": 1}, headers=bob)
+    assert (await my_room())["unread_count"] == 1  # did not move back
+    await client.post(f"{API}/rooms/{room}/read", json={"seq": 10**9}, headers=bob)
+    members = (await client.get(f"{API}/rooms/{room}/members", headers=bob)).json()["items"]
+    assert {m["user"]["username"]: m["last_read_seq"] for m in members}["bob"] == 4
+    assert (await my_room())["unread_count"] == 0
+    bad = await client.post(f"{API}/rooms/{room}/read", json={"seq": -1}, headers=bob)
+    assert_error(bad, 422, "invalid")
+    outsider = await make_user(client, "eve")
+    response = await client.post(f"{API}/rooms/{room}/read", json={"seq": 1}, headers=outsider)
+    assert_error(response, 403, "not_member")
+
+
+# --- seq allocation under concurrency -------------------------------------------------------
+
+
+async def test_concurrent_changes_take_seqs_1_to_n_and_a_poller_sees_each_once(
+    app: FastAPI,
+) -> None:
+    """Hundreds of concurrent sends, edits and deletes over separate connections, while a
+    reader polls after_seq: seqs are exactly 1..N, and the reader never sees a change twice,
+    never out of order, and ends with exactly the stored state."""
+    writers = [client_for(app, f"10.0.0.{n}") for n in range(8)]
+    reader_client = client_for(app, "10.0.1.1")
+    async with reader_client:
+        heads = [await make_user(writers[n], f"writer{n}") for n in range(len(writers))]
+        room = await make_room(writers[0], heads[0])
+        for client, head in zip(writers[1:], heads[1:], strict=True):
+            await client.post(f"{API}/rooms/{room}/join", headers=head)
+        reader = await make_user(reader_client, "reader")
+        await reader_client.post(f"{API}/rooms/{room}/join", headers=reader)
+
+        op_seqs: list[int] = []  # the seq each successful change took, as its caller saw it
+        mine: dict[int, list[int]] = {n: [] for n in range(len(writers))}
+        done = asyncio.Event()
+
+        async def writer(n: int) -> None:
+            client, head, rng = writers[n], heads[n], random.Random(n)
+            for i in range(40):
+                action = rng.random()
+                if mine[n] and action < 0.25:
+                    seq = rng.choice(mine[n])
+                    response = await client.patch(
+                        f"{API}/rooms/{room}/messages/{seq}", json={"body": f"e{i}"}, headers=head
+                    )
+                    if response.status_code == 200:
+                        op_seqs.append(response.json()["change_seq"])
+                    else:
+                        assert_error(response, 409, "message_deleted")
+                elif mine[n] and action < 0.35:
+                    seq = rng.choice(mine[n])
+                    response = await client.delete(
+                        f"{API}/rooms/{room}/messages/{seq}", headers=head
+                    )
+                    assert response.status_code == 204
+                else:
+                    response = await send(client, room, head, f"w{n}-{i}", client_id=f"{n}-{i}")
+                    assert response.status_code == 201, response.text
+                    mine[n].append(response.json()["seq"])
+                    op_seqs.append(response.json()["seq"])
+
+        seen: dict[str, dict[str, Any]] = {}
+        change_seqs_seen: list[int] = []
+
+        async def poll() -> None:
+            cursor = 0
+            while True:
+                finished = done.is_set()
+                page = await history(reader_client, room, reader, after_seq=cursor, limit=50)
+                for message in page["items"]:
+                    assert message["change_seq"] > cursor, "a change came back out of order"
+                    cursor = message["change_seq"]
+                    change_seqs_seen.append(cursor)
+                    seen[message["id"]] = message
+                if finished and not page["has_more"]:
+                    return
+                if not page["items"]:
+                    await asyncio.sleep(0.005)
+
+        async def run_writers() -> None:
+            await asyncio.gather(*(writer(n) for n in range(len(writers))))
+            done.set()
+
+        await asyncio.gather(run_writers(), poll())
+
+        final = []
+        cursor = 0
+        while True:
+            page = await history(reader_client, room, reader, after_seq=cursor, limit=200)
+            final.extend(page["items"])
+            if not page["has_more"]:
+                break
+            cursor = page["items"][-1]["change_seq"]
+        last_seq = (await reader_client.get(f"{API}/rooms/{room}", headers=reader)).json()[
+            "last_seq"
+        ]
+    for client in writers:
+        await client.aclose()
+
+    # Deletes answer 204 without a body: their seqs are the tombstones' change_seqs.
+    tombstone_seqs = [m["change_seq"] for m in final if m["deleted"]]
+    all_seqs = sorted(op_seqs + tombstone_seqs)
+    assert all_seqs == list(range(1, last_seq + 1)), "seqs are not exactly 1..N"
+    assert last_seq >= 250
+    assert len(change_seqs_seen) == len(set(change_seqs_seen)), "a change was seen twice"
+    assert seen == {m["id"]: m for m in final}, "the poller's view differs from the store"
+    assert sorted(m["seq"] for m in final) == sorted(seq for n in mine for seq in mine[n])
