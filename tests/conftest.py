@@ -18,12 +18,14 @@ import asyncpg
 import httpx
 import pytest
 import sqlalchemy as sa
+import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import SQLModel
 
 from chat_service.app import create_app
 from chat_service.db import migrate
+from chat_service.server import uvicorn_options
 from chat_service.settings import Settings
 from tests.helpers import TEST_JWT_SECRET, ServerProcess, free_port
 
@@ -211,3 +213,50 @@ def server(server_env: dict[str, str], tmp_path: Path) -> Iterator[ServerProcess
         yield process
     finally:
         process.stop()
+
+
+class LiveServer:
+    """A real uvicorn server on a real port, in this process: sockets are real, and the test
+    can still look inside the app (its hub, its tasks)."""
+
+    def __init__(self, app: FastAPI, server: uvicorn.Server, port: int) -> None:
+        self.app = app
+        self.server = server
+        self.port = port
+        self.http = f"http://127.0.0.1:{port}"
+        self.ws = f"ws://127.0.0.1:{port}"
+
+
+LiveServerFactory = Callable[..., Awaitable[LiveServer]]
+
+
+@pytest.fixture
+async def live_server_factory(
+    settings_factory: Callable[..., Settings],
+) -> AsyncIterator[LiveServerFactory]:
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+
+    async def start(**overrides: Any) -> LiveServer:
+        settings = settings_factory(**overrides)
+        app = create_app(settings)
+        port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, **uvicorn_options(settings))
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        servers.append((server, task))
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("server stopped before it started")
+            await asyncio.sleep(0.01)
+        return LiveServer(app, server, port)
+
+    yield start
+    for server, task in servers:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def live(live_server_factory: LiveServerFactory) -> LiveServer:
+    return await live_server_factory()

@@ -9,15 +9,18 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from chat_service import __version__
-from chat_service.api import auth, health, messages, rooms
+from chat_service.api import auth, health, messages, rooms, ws
 from chat_service.db import create_engine, create_session_factory
 from chat_service.domain.accounts import AccountService
 from chat_service.domain.events import EventBus
 from chat_service.domain.messages import MessageService
 from chat_service.domain.rooms import RoomService
-from chat_service.errors import install_error_handlers
+from chat_service.errors import error_responses, install_error_handlers
+from chat_service.lifecycle import Lifecycle
 from chat_service.logging_config import configure_logging
 from chat_service.ratelimit import RateLimiter
+from chat_service.realtime.gateway import Gateway
+from chat_service.realtime.hub import Hub
 from chat_service.security.passwords import PasswordHasher
 from chat_service.security.tokens import AccessTokenCodec
 from chat_service.settings import Settings, load_settings
@@ -52,15 +55,39 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     limiter = RateLimiter(settings.rate_limit_storage_url)
     sessions = create_session_factory(engine)
     events = EventBus()
+    hub = Hub()
+    events.subscribe(hub.on_event)
+    accounts = AccountService(sessions, hasher, codec, limiter, events, settings)
+    rooms = RoomService(sessions, events, is_online=hub.is_online)
+    messages = MessageService(sessions, events, settings.message_max_chars)
+    gateway = Gateway(
+        settings=settings,
+        hub=hub,
+        accounts=accounts,
+        rooms=rooms,
+        messages=messages,
+        limiter=limiter,
+    )
+    lifecycle = Lifecycle(
+        gateway,
+        drain_delay_s=settings.shutdown_drain_delay_s,
+        flush_timeout_s=settings.shutdown_grace_s / 2,
+    )
     app.state.engine = engine
     app.state.limiter = limiter
     app.state.events = events
-    app.state.accounts = AccountService(sessions, hasher, codec, limiter, settings)
-    app.state.rooms = RoomService(sessions, events)
-    app.state.messages = MessageService(sessions, events, settings.message_max_chars)
+    app.state.hub = hub
+    app.state.accounts = accounts
+    app.state.rooms = rooms
+    app.state.messages = messages
+    app.state.gateway = gateway
+    app.state.lifecycle = lifecycle
+    lifecycle.install()
     try:
         yield
     finally:
+        lifecycle.uninstall()
+        await lifecycle.shutdown()
         hasher.close()
         await engine.dispose()
 
@@ -84,9 +111,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_age=600,
     )
     app.include_router(health.router)
-    app.include_router(auth.router, prefix=API_PREFIX)
-    app.include_router(rooms.router, prefix=API_PREFIX)
-    app.include_router(messages.router, prefix=API_PREFIX)
+    # Any route that touches the database can answer 503 while it is unreachable.
+    for router in (auth.router, rooms.router, messages.router):
+        app.include_router(router, prefix=API_PREFIX, responses=error_responses(503))
+    app.include_router(ws.router)
     return app
 
 

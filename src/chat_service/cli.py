@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from chat_service.db import migrate
+    from chat_service.server import uvicorn_options
 
     if args.workers > 1 and settings.broker_url.startswith("memory://"):
         log.error(
@@ -67,24 +69,22 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if settings.auto_migrate:
         migrate(settings.resolved_database_url)
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; this
+    # handler turns that into a plain exit 0, so supervisors see a clean stop.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         "chat_service.app:app_factory",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,
-        ws="websockets-sansio",
-        ws_per_message_deflate=False,
-        ws_max_size=settings.frame_max_bytes,
-        ws_ping_interval=settings.heartbeat_interval_s,
-        ws_ping_timeout=settings.heartbeat_timeout_s,
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
-        server_header=False,
-        log_config=None,
+        **uvicorn_options(settings),
     )
     return 0
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -208,3 +208,20 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         model = ValidationErrorBody if status == 422 else ErrorBody
         responses[status] = {"model": model, "description": HTTPStatus(status).phrase}
     return responses
+
+
+def socket_error(exc: Exception) -> tuple[str, str, int | None]:
+    """The WebSocket error frame (code, detail, retry_after) for a failure handling a frame."""
+    if isinstance(exc, RateLimited):
+        return "rate_limited", exc.detail, exc.retry_after
+    if isinstance(exc, NotFound):
+        return "not_found", exc.detail, None
+    if isinstance(exc, Forbidden | Unauthorized):
+        return "forbidden", exc.detail, None
+    if isinstance(exc, InvalidInput):
+        return ("too_large" if exc.code == "too_large" else "invalid_frame"), exc.detail, None
+    if isinstance(exc, DomainError):
+        return "invalid_frame", exc.detail, None
+    if isinstance(exc, STORAGE_FAILURES):
+        return "unavailable", "Storage is unavailable: nothing was stored; retry later", 1
+    return "internal", "Internal server error", None

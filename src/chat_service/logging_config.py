@@ -30,17 +30,26 @@ def redact(text: str) -> str:
     return _BEARER.sub(r"\1[redacted]", _SECRET_PARAMS.sub(r"\1[redacted]", text))
 
 
+def _redact_value(value: Any) -> Any:
+    return redact(value) if isinstance(value, str) else value
+
+
 class RedactSecrets(logging.Filter):
-    """Rewrites every record so no token or ticket reaches a log line."""
+    """Rewrites every record so no token or ticket reaches a log line: the message, its
+    arguments, `extra=` fields and exception text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.args:
-            record.args = tuple(
-                redact(arg) if isinstance(arg, str) else arg
-                for arg in (record.args if isinstance(record.args, tuple) else (record.args,))
-            )
+        if isinstance(record.args, dict):
+            record.args = {key: _redact_value(value) for key, value in record.args.items()}
+        elif isinstance(record.args, tuple):
+            record.args = tuple(_redact_value(arg) for arg in record.args)
         if isinstance(record.msg, str):
             record.msg = redact(record.msg)
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and isinstance(value, str):
+                setattr(record, key, redact(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return True
 
 
@@ -56,7 +65,7 @@ class JsonFormatter(logging.Formatter):
             (key, value) for key, value in vars(record).items() if key not in _STANDARD_ATTRS
         )
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = record.exc_text or redact(self.formatException(record.exc_info))
         return orjson.dumps(entry, default=str).decode()
 
 

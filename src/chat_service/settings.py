@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"
     jwt_issuer: str = "chat-service"
     jwt_audience: str = "chat-service"
-    access_token_ttl_s: int = Field(900, ge=30)
+    access_token_ttl_s: int = Field(900, ge=5)
     refresh_token_ttl_s: int = Field(30 * 24 * 3600, ge=60)
     ws_ticket_ttl_s: int = Field(30, ge=5, le=300)
 
@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(20.0, gt=0)
     heartbeat_timeout_s: float = Field(20.0, gt=0)
     shutdown_grace_s: int = Field(10, ge=1)
+    shutdown_drain_delay_s: float = Field(0.0, ge=0)
 
     login_account_limit: str = "5/15 minutes"
     login_ip_limit: str = "20/minute"

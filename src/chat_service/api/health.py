@@ -30,11 +30,16 @@ async def healthz() -> HealthStatus:
 
 @router.get(
     "/readyz",
-    responses={503: {"model": NotReady, "description": "Not ready: `checks` says what failed"}},
+    responses={
+        200: {"model": HealthStatus, "description": "Ready"},
+        503: {"model": NotReady, "description": "Not ready: `checks` says what failed"},
+    },
 )
 async def readyz(request: Request) -> JSONResponse:
     """The database is reachable: this instance can take traffic."""
     checks = {"database": "ok"}
+    if request.app.state.lifecycle.draining:
+        checks["shutdown"] = "draining"
     try:
         await asyncio.wait_for(ping(request.app.state.engine), READINESS_TIMEOUT_S)
     except Exception as exc:  # any failure means "not ready"; the reason goes to the log

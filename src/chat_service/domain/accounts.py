@@ -15,6 +15,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from chat_service.clock import utcnow
 from chat_service.db import SessionFactory
+from chat_service.domain.events import Event, EventSink
 from chat_service.errors import Conflict, Forbidden, RateLimited, Unauthorized
 from chat_service.models import AuthSession, RefreshToken, User, WsTicket
 from chat_service.ratelimit import RateLimiter, Rule, Usage, rate_limit_headers
@@ -59,9 +60,11 @@ class AccountService:
         hasher: PasswordHasher,
         codec: AccessTokenCodec,
         limiter: RateLimiter,
+        events: EventSink,
         settings: Settings,
     ) -> None:
         self._sessions = sessions
+        self._events = events
         self._hasher = hasher
         self._codec = codec
         self._limiter = limiter
@@ -147,6 +150,7 @@ class AccountService:
             if token.used_at is not None or not await _spend(db, token.id, now):
                 await _revoke(db, session.id, "token_reused", now)
                 await db.commit()
+                self._session_ended(session.id)
                 raise Unauthorized(
                     "This refresh token was already used; the session is revoked",
                     code="token_reused",
@@ -171,7 +175,12 @@ class AccountService:
                 raise Unauthorized("Unknown refresh token")
             await _revoke(db, session.id, "logout", utcnow())
             await db.commit()
+        self._session_ended(session.id)
         return session.id
+
+    def _session_ended(self, session_id: str) -> None:
+        """Live sockets of the session close with 4401."""
+        self._events.publish(Event("session.revoked", session_id=session_id))
 
     async def issue_ticket(self, principal: Principal) -> WsTicketBody:
         ticket = new_opaque_token()

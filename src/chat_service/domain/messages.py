@@ -23,6 +23,16 @@ from chat_service.schemas import MessagePage, MessagePublic
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """History for a WebSocket join, consistent with `last_seq`: every change up to it is in
+    `messages` (unless `truncated`), and every later change is a live event."""
+
+    messages: list[MessagePublic]
+    last_seq: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
 class Sent:
     message: MessagePublic
     created: bool  # False: this client_id was sent before and `message` is the original
@@ -68,6 +78,31 @@ class MessageService:
         if after_seq is None:
             rows.reverse()
         return MessagePage(items=[_public(m, u) for m, u in rows], has_more=has_more)
+
+    async def snapshot(
+        self, user_id: str, room_id: str, *, since_seq: int | None, limit: int, cap: int
+    ) -> Snapshot:
+        """The last `limit` messages, or (with `since_seq`) up to `cap` changes after it."""
+        async with self._sessions() as db:
+            access = await room_access(db, room_id, user_id)
+            access.member()
+            # Read first: a committed last_seq means every change up to it is committed too.
+            last_seq = access.room.last_seq
+            statement = select(Message, User).join(User, col(User.id) == Message.author_id)
+            statement = statement.where(col(Message.room_id) == room_id)
+            if since_seq is None:
+                statement = statement.where(col(Message.seq) <= last_seq)
+                statement = statement.order_by(col(Message.seq).desc()).limit(limit)
+            else:
+                statement = statement.where(
+                    col(Message.change_seq) > since_seq, col(Message.change_seq) <= last_seq
+                )
+                statement = statement.order_by(col(Message.change_seq)).limit(cap + 1)
+            rows = list((await db.exec(statement)).all())
+        if since_seq is None:
+            rows.reverse()
+        truncated = len(rows) > cap
+        return Snapshot([_public(m, u) for m, u in rows[:cap]], last_seq, truncated)
 
     async def send(
         self, user_id: str, room_id: str, body: str, client_id: str | None = None

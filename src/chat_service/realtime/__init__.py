@@ -1,0 +1,1 @@
+"""The real-time side: WebSocket gateway, per-process hub, frames and connections."""

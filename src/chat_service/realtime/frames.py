@@ -1,0 +1,236 @@
+"""The WebSocket protocol's frames as typed models: what clients send and what they receive.
+
+Client frames are parsed strictly (unknown fields are an error). Server frames are documented
+here and in openapi/asyncapi.yaml (generated from these models); the hot fan-out path encodes
+the same shapes straight from dicts, once per event.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from chat_service.schemas import ClientId, MessagePublic, UserSummary
+
+PROTOCOL = "chat.v1"
+BEARER_PREFIX = "bearer."
+
+Ref = Annotated[
+    str | int | None,
+    Field(default=None, description="Any id of yours; echoed in the reply or error"),
+]
+RoomId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class ClientFrame(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    ref: Ref = None
+
+
+class Join(ClientFrame):
+    """Subscribe to a room (joining a public room makes me a member) and get its history."""
+
+    type: Literal["join"]
+    room_id: RoomId
+    since_seq: int | None = Field(
+        default=None, ge=0, le=2**62, description="Every change after this seq, in seq order"
+    )
+    limit: int | None = Field(
+        default=None, ge=1, le=200, description="Without since_seq: the last `limit` messages"
+    )
+
+
+class Leave(ClientFrame):
+    """Unsubscribe from a room; membership stays."""
+
+    type: Literal["leave"]
+    room_id: RoomId
+
+
+class MessageSend(ClientFrame):
+    """Store a message; `ack` follows once it is committed."""
+
+    type: Literal["message.send"]
+    room_id: RoomId
+    body: str
+    client_id: ClientId
+
+
+class Typing(ClientFrame):
+    """Tell the room's other subscribers I am typing (not stored; throttled)."""
+
+    type: Literal["typing"]
+    room_id: RoomId
+
+
+class Read(ClientFrame):
+    """Move my read cursor in a room."""
+
+    type: Literal["read"]
+    room_id: RoomId
+    seq: int = Field(ge=0, le=2**62)
+
+
+class Ping(ClientFrame):
+    """Application-level keepalive; the server answers `pong`."""
+
+    type: Literal["ping"]
+
+
+class AuthRefresh(ClientFrame):
+    """Give the connection a fresh access token (same user) before the old one expires."""
+
+    type: Literal["auth.refresh"]
+    access_token: str = Field(max_length=4096)
+
+
+CLIENT_FRAMES: dict[str, type[ClientFrame]] = {
+    "join": Join,
+    "leave": Leave,
+    "message.send": MessageSend,
+    "typing": Typing,
+    "read": Read,
+    "ping": Ping,
+    "auth.refresh": AuthRefresh,
+}
+
+
+# --- server frames --------------------------------------------------------------------------
+
+
+class ServerFrame(BaseModel):
+    def encode(self) -> str:
+        return encode(self.model_dump(mode="json", exclude_none=True))
+
+
+class Limits(BaseModel):
+    message_max_chars: int
+    frame_max_bytes: int
+    messages_per_s: int
+    message_burst: int
+    max_rooms: int
+
+
+class Hello(ServerFrame):
+    type: Literal["hello"] = "hello"
+    user: UserSummary
+    connection_id: str
+    heartbeat_s: float
+    limits: Limits
+    expires_at: datetime
+
+
+class Joined(ServerFrame):
+    type: Literal["joined"] = "joined"
+    ref: Ref = None
+    room_id: str
+    messages: list[MessagePublic]
+    last_seq: int = Field(description="The room's last seq when the history was read")
+    truncated: bool = Field(description="More changes than fit: page the rest with REST")
+    online: list[UserSummary]
+
+
+class Left(ServerFrame):
+    type: Literal["left"] = "left"
+    ref: Ref = None
+    room_id: str
+
+
+class Ack(ServerFrame):
+    type: Literal["ack"] = "ack"
+    ref: Ref = None
+    client_id: str
+    message: MessagePublic
+
+
+class MessageEvent(ServerFrame):
+    type: Literal["message.new", "message.updated", "message.deleted"]
+    room_id: str
+    message: MessagePublic
+
+
+class Presence(ServerFrame):
+    type: Literal["presence"] = "presence"
+    room_id: str
+    user: UserSummary
+    status: Literal["online", "offline"]
+
+
+class TypingEvent(ServerFrame):
+    type: Literal["typing"] = "typing"
+    room_id: str
+    user: UserSummary
+
+
+class RoomUpdated(ServerFrame):
+    type: Literal["room.updated"] = "room.updated"
+    room_id: str
+    room: dict[str, Any]
+
+
+class RoomGone(ServerFrame):
+    type: Literal["room.deleted", "room.removed"]
+    room_id: str
+    reason: str | None = None
+
+
+class AuthExpiring(ServerFrame):
+    type: Literal["auth.expiring"] = "auth.expiring"
+    expires_at: datetime
+
+
+class AuthRefreshed(ServerFrame):
+    type: Literal["auth.refreshed"] = "auth.refreshed"
+    ref: Ref = None
+    expires_at: datetime
+
+
+class Pong(ServerFrame):
+    type: Literal["pong"] = "pong"
+    ref: Ref = None
+
+
+ErrorCode = Literal[
+    "invalid_json",
+    "invalid_frame",
+    "unknown_type",
+    "not_found",
+    "forbidden",
+    "rate_limited",
+    "too_large",
+    "unavailable",
+    "internal",
+]
+
+
+class Error(ServerFrame):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    detail: str
+    ref: Ref = None
+    retry_after: int | None = Field(default=None, description="Seconds, with rate_limited")
+
+
+SERVER_FRAMES: list[type[ServerFrame]] = [
+    Hello,
+    Joined,
+    Left,
+    Ack,
+    MessageEvent,
+    Presence,
+    TypingEvent,
+    RoomUpdated,
+    RoomGone,
+    AuthExpiring,
+    AuthRefreshed,
+    Pong,
+    Error,
+]
+
+
+def encode(frame: dict[str, Any]) -> str:
+    return orjson.dumps(frame).decode()

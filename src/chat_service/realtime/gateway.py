@@ -1,0 +1,409 @@
+"""The WebSocket gateway: handshake authentication, the frame handlers, and connection life.
+
+A connection is three tasks: this handler's receive loop, the connection's writer, and an
+expiry watch. The handler returns when the client goes, the writer has closed the socket, or
+a close it asked for could not be delivered in time (a reader that stopped reading).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import orjson
+from limits import RateLimitItemPerSecond
+from pydantic import ValidationError
+from starlette.websockets import WebSocket
+
+from chat_service.clock import utcnow
+from chat_service.domain.access import user_summary
+from chat_service.domain.accounts import AccountService, Principal
+from chat_service.domain.messages import MessageService
+from chat_service.domain.rooms import RoomService
+from chat_service.errors import DomainError, Forbidden, RateLimited, Unauthorized, socket_error
+from chat_service.ratelimit import RateLimiter, Rule
+from chat_service.realtime import frames
+from chat_service.realtime.connection import CLOSE_TIMEOUT_S, Connection, Outbound
+from chat_service.realtime.hub import Hub
+from chat_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXPIRING_NOTICE_S = 60.0
+SINCE_SEQ_CAP = 1000
+DEFAULT_HISTORY = 50
+# More refused sends than this within FLOOD_WINDOW_S closes the connection 4429.
+FLOOD_REFUSALS = 50
+FLOOD_WINDOW_S = 10.0
+FLOOD_BACKOFF_S = 30
+
+Handler = Callable[[Connection, Any], Awaitable[None]]
+
+
+class Refused(Exception):
+    """The handshake is refused: accepted only to be closed with `code` at once."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Gateway:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        hub: Hub,
+        accounts: AccountService,
+        rooms: RoomService,
+        messages: MessageService,
+        limiter: RateLimiter,
+    ) -> None:
+        self._settings = settings
+        self._hub = hub
+        self._accounts = accounts
+        self._rooms = rooms
+        self._messages = messages
+        self._limiter = limiter
+        period = max(1, math.ceil(settings.message_burst / settings.message_rate_per_s))
+        self._message_rule = Rule(
+            "messages", RateLimitItemPerSecond(settings.message_burst, period)
+        )
+        self._draining = False
+        self._handlers: dict[str, Handler] = {
+            "join": self._join,
+            "leave": self._leave,
+            "message.send": self._send,
+            "typing": self._typing,
+            "read": self._read,
+            "ping": self._ping,
+            "auth.refresh": self._auth_refresh,
+        }
+
+    # --- connection life ---------------------------------------------------------------------
+
+    async def serve(self, websocket: WebSocket, room_id: str | None = None) -> None:
+        subprotocol = (
+            frames.PROTOCOL if frames.PROTOCOL in websocket.scope.get("subprotocols", []) else None
+        )
+        try:
+            principal = await self._authenticate(websocket)
+        except Refused as refused:
+            await websocket.accept(subprotocol=subprotocol)
+            await websocket.close(refused.code, refused.reason)
+            log.info(
+                "websocket refused", extra={"close_code": refused.code, "reason": refused.reason}
+            )
+            return
+        await websocket.accept(subprotocol=subprotocol)
+        connection = Connection(
+            websocket,
+            user=user_summary(principal.user),
+            session_id=principal.session_id,
+            expires_at=principal.expires_at,
+            max_frames=self._settings.outbound_queue_frames,
+            max_bytes=self._settings.outbound_queue_bytes,
+        )
+        self._hub.register(connection)
+        log.info(
+            "websocket open", extra={"connection_id": connection.id, "user_id": connection.user_id}
+        )
+        try:
+            connection.offer(Outbound(self._hello(connection).encode()))
+            await self._run(connection, room_id)
+        finally:
+            self._hub.unregister(connection)
+            log.info(
+                "websocket closed",
+                extra={"connection_id": connection.id, "user_id": connection.user_id},
+            )
+
+    async def _run(self, connection: Connection, room_id: str | None) -> None:
+        writer = asyncio.create_task(connection.run_writer(), name=f"ws-writer-{connection.id}")
+        receiver = asyncio.create_task(
+            self._receive(connection, room_id), name=f"ws-receiver-{connection.id}"
+        )
+        expiry = asyncio.create_task(
+            self._watch_expiry(connection), name=f"ws-expiry-{connection.id}"
+        )
+        closing = asyncio.create_task(connection.close_requested.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {writer, receiver, closing}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if writer not in done and receiver not in done:
+                # A close was asked for: give the writer a moment to flush and send it.
+                done, _ = await asyncio.wait(
+                    {writer, receiver}, timeout=CLOSE_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    await connection.abort_writer(writer)
+        finally:
+            for task in (writer, receiver, expiry, closing):
+                task.cancel()
+            await asyncio.gather(writer, receiver, expiry, closing, return_exceptions=True)
+
+    async def _receive(self, connection: Connection, room_id: str | None) -> None:
+        websocket = connection.websocket
+        if room_id is not None and not await self._join_at_connect(connection, room_id):
+            return
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                self._error(
+                    connection, "invalid_frame", "Binary frames are not supported: send JSON text"
+                )
+                continue
+            await self._handle(connection, text)
+
+    async def _join_at_connect(self, connection: Connection, room_id: str) -> bool:
+        try:
+            await self._join(connection, frames.Join(type="join", room_id=room_id))
+        except DomainError:
+            connection.close(4404, "room not found")
+            return False
+        return True
+
+    async def _watch_expiry(self, connection: Connection) -> None:
+        warned_for: datetime | None = None
+        while True:
+            remaining = (connection.expires_at - utcnow()).total_seconds()
+            if remaining <= 0:
+                connection.close(4401, "access token expired")
+                return
+            if warned_for != connection.expires_at and remaining <= EXPIRING_NOTICE_S:
+                frame = frames.AuthExpiring(expires_at=connection.expires_at)
+                connection.offer(Outbound(frame.encode()))
+                warned_for = connection.expires_at
+            wait = (
+                remaining if warned_for == connection.expires_at else remaining - EXPIRING_NOTICE_S
+            )
+            connection.credentials_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(connection.credentials_changed.wait(), wait)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Shutdown: flush every connection's queue and close it 1012, within `timeout_s`."""
+        self._draining = True
+        for connection in self._hub.all_connections():
+            connection.close(1012, "server restarting")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hub.idle.wait(), timeout_s)
+
+    # --- handshake ---------------------------------------------------------------------------
+
+    async def _authenticate(self, websocket: WebSocket) -> Principal:
+        if self._draining:
+            raise Refused(1012, "server restarting")
+        self._check_origin(websocket)
+        query = websocket.query_params
+        if "access_token" in query or "token" in query:
+            raise Refused(4401, "tokens are not accepted in the URL: use a ticket")
+        try:
+            principal = await self._principal(websocket)
+        except Unauthorized as exc:
+            raise Refused(4401, exc.code) from exc
+        except Forbidden as exc:
+            raise Refused(4403, exc.code) from exc
+        except DomainError as exc:
+            raise Refused(4401, exc.code) from exc
+        limit = self._settings.max_connections_per_user
+        if self._hub.connections_of(principal.user.id) >= limit:
+            raise Refused(4429, f"too many connections for this user (limit {limit})")
+        return principal
+
+    async def _principal(self, websocket: WebSocket) -> Principal:
+        header = websocket.headers.get("authorization")
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise Refused(4401, "malformed Authorization header")
+            return await self._accounts.authenticate(token.strip())
+        offered = websocket.scope.get("subprotocols", [])
+        tokens = [
+            p[len(frames.BEARER_PREFIX) :] for p in offered if p.startswith(frames.BEARER_PREFIX)
+        ]
+        if tokens:
+            if frames.PROTOCOL not in offered:
+                raise Refused(4401, f"offer the {frames.PROTOCOL} subprotocol with the token")
+            return await self._accounts.authenticate(tokens[0])
+        ticket = websocket.query_params.get("ticket")
+        if ticket:
+            return await self._accounts.redeem_ticket(ticket)
+        raise Refused(4401, "credentials missing")
+
+    def _check_origin(self, websocket: WebSocket) -> None:
+        origin = websocket.headers.get("origin")
+        if origin is None:
+            return  # not a browser: nothing to check
+        scheme = "https" if websocket.url.scheme == "wss" else "http"
+        same_origin = f"{scheme}://{websocket.headers.get('host', '')}"
+        if origin != same_origin and origin not in self._settings.ws_allowed_origins:
+            raise Refused(4403, "origin not allowed")
+
+    def _hello(self, connection: Connection) -> frames.Hello:
+        settings = self._settings
+        return frames.Hello(
+            user=connection.user,
+            connection_id=connection.id,
+            heartbeat_s=settings.heartbeat_interval_s,
+            limits=frames.Limits(
+                message_max_chars=settings.message_max_chars,
+                frame_max_bytes=settings.frame_max_bytes,
+                messages_per_s=settings.message_rate_per_s,
+                message_burst=settings.message_burst,
+                max_rooms=settings.max_rooms_per_connection,
+            ),
+            expires_at=connection.expires_at,
+        )
+
+    # --- frames ------------------------------------------------------------------------------
+
+    async def _handle(self, connection: Connection, text: str) -> None:
+        try:
+            data = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            self._error(connection, "invalid_json", "The frame is not valid JSON")
+            return
+        if not isinstance(data, dict):
+            self._error(connection, "invalid_frame", "A frame is a JSON object")
+            return
+        ref = data.get("ref") if isinstance(data.get("ref"), str | int) else None
+        frame_type = data.get("type")
+        model = frames.CLIENT_FRAMES.get(frame_type) if isinstance(frame_type, str) else None
+        if model is None:
+            code = "unknown_type" if isinstance(frame_type, str) else "invalid_frame"
+            self._error(connection, code, f"Unknown frame type: {str(frame_type)[:40]!r}", ref)
+            return
+        try:
+            frame = model.model_validate(data)
+        except ValidationError as exc:
+            self._error(connection, "invalid_frame", _describe(exc), ref)
+            return
+        try:
+            await self._handlers[str(frame_type)](connection, frame)
+        except Exception as exc:  # every failure answers with an error frame; the socket lives on
+            code, detail, retry_after = socket_error(exc)
+            if code == "internal":
+                log.exception(
+                    "frame handler failed",
+                    extra={"connection_id": connection.id, "frame_type": frame_type},
+                )
+            self._error(connection, code, detail, ref, retry_after)
+
+    def _error(
+        self,
+        connection: Connection,
+        code: str,
+        detail: str,
+        ref: str | int | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        frame = frames.Error(code=code, detail=detail, ref=ref, retry_after=retry_after)
+        connection.offer(Outbound(frame.encode()))
+
+    async def _join(self, connection: Connection, frame: frames.Join) -> None:
+        room_id = frame.room_id
+        limit = self._settings.max_rooms_per_connection
+        if room_id not in connection.rooms and len(connection.rooms) >= limit:
+            raise Forbidden(f"Too many rooms on this connection (limit {limit})")
+        await self._rooms.join(connection.user_id, room_id)
+        connection.joining[room_id] = []
+        self._hub.subscribe(connection, room_id)
+        try:
+            snapshot = await self._messages.snapshot(
+                connection.user_id,
+                room_id,
+                since_seq=frame.since_seq,
+                limit=frame.limit or DEFAULT_HISTORY,
+                cap=SINCE_SEQ_CAP,
+            )
+        except BaseException:
+            self._hub.unsubscribe(connection, room_id)
+            raise
+        joined = frames.Joined(
+            ref=frame.ref,
+            room_id=room_id,
+            messages=snapshot.messages,
+            last_seq=snapshot.last_seq,
+            truncated=snapshot.truncated,
+            online=self._hub.online(room_id),
+        )
+        connection.offer(Outbound(joined.encode()))
+        self._hub.finish_join(connection, room_id, snapshot.last_seq)
+
+    async def _leave(self, connection: Connection, frame: frames.Leave) -> None:
+        self._hub.unsubscribe(connection, frame.room_id)
+        connection.offer(Outbound(frames.Left(ref=frame.ref, room_id=frame.room_id).encode()))
+
+    async def _send(self, connection: Connection, frame: frames.MessageSend) -> None:
+        await self._check_message_rate(connection)
+        sent = await self._messages.send(
+            connection.user_id, frame.room_id, frame.body, frame.client_id
+        )
+        ack = frames.Ack(ref=frame.ref, client_id=frame.client_id, message=sent.message)
+        connection.offer(Outbound(ack.encode()))
+
+    async def _check_message_rate(self, connection: Connection) -> None:
+        try:
+            await self._limiter.hit(self._message_rule, connection.user_id)
+        except RateLimited:
+            refusals = connection.refused_sends
+            now = time.monotonic()
+            refusals.append(now)
+            while refusals and now - refusals[0] > FLOOD_WINDOW_S:
+                refusals.popleft()
+            if len(refusals) > FLOOD_REFUSALS:
+                connection.close(
+                    4429, f"sustained flooding: back off {FLOOD_BACKOFF_S} s", flush=True
+                )
+            raise
+
+    async def _typing(self, connection: Connection, frame: frames.Typing) -> None:
+        if frame.room_id not in connection.rooms:
+            raise Forbidden("Join the room first")
+        if self._hub.typing_allowed(
+            frame.room_id,
+            connection.user_id,
+            time.monotonic(),
+            1 / self._settings.typing_rate_per_s,
+        ):
+            self._hub.broadcast(
+                frame.room_id,
+                {"type": "typing", "room_id": frame.room_id, "user": connection.user.model_dump()},
+                droppable=True,
+                skip_user=connection.user_id,
+            )
+
+    async def _read(self, connection: Connection, frame: frames.Read) -> None:
+        await self._messages.mark_read(connection.user_id, frame.room_id, frame.seq)
+
+    async def _ping(self, connection: Connection, frame: frames.Ping) -> None:
+        connection.offer(Outbound(frames.Pong(ref=frame.ref).encode()))
+
+    async def _auth_refresh(self, connection: Connection, frame: frames.AuthRefresh) -> None:
+        principal = await self._accounts.authenticate(frame.access_token)
+        if principal.user.id != connection.user_id:
+            raise Forbidden("The new token belongs to another user")
+        connection.expires_at = principal.expires_at
+        self._hub.move_session(connection, principal.session_id)
+        connection.credentials_changed.set()
+        reply = frames.AuthRefreshed(ref=frame.ref, expires_at=principal.expires_at)
+        connection.offer(Outbound(reply.encode()))
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ())) or "frame"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {first.get('msg', 'invalid')}{more}"
