@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 
 from chat_service.domain.events import Event
-from tests.conftest import client_for
+from tests.conftest import AppFactory, client_for
 from tests.helpers import API, bearer, signup
 from tests.test_auth import assert_error
 
@@ -475,3 +475,16 @@ async def test_concurrent_changes_take_seqs_1_to_n_and_a_poller_sees_each_once(
     assert len(change_seqs_seen) == len(set(change_seqs_seen)), "a change was seen twice"
     assert seen == {m["id"]: m for m in final}, "the poller's view differs from the store"
     assert sorted(m["seq"] for m in final) == sorted(seq for n in mine for seq in mine[n])
+
+
+async def test_rest_sends_share_the_message_rate_limit(app_factory: AppFactory) -> None:
+    app = await app_factory(message_rate_per_s=2, message_burst=3)
+    async with client_for(app) as client:
+        alice = await make_user(client, "alice")
+        room = await make_room(client, alice)
+        statuses = [(await send(client, room, alice, f"m{n}")).status_code for n in range(3)]
+        assert statuses == [201, 201, 201]
+        refused = await send(client, room, alice, "one too many")
+        assert_error(refused, 429, "rate_limited")
+        assert 1 <= int(refused.headers["Retry-After"]) <= 2
+        assert (await history(client, room, alice))["items"][-1]["body"] == "m2"

@@ -59,14 +59,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     events.subscribe(hub.on_event)
     accounts = AccountService(sessions, hasher, codec, limiter, events, settings)
     rooms = RoomService(sessions, events, is_online=hub.is_online)
-    messages = MessageService(sessions, events, settings.message_max_chars)
+    messages = MessageService(sessions, events, limiter, settings)
     gateway = Gateway(
         settings=settings,
         hub=hub,
         accounts=accounts,
         rooms=rooms,
         messages=messages,
-        limiter=limiter,
     )
     lifecycle = Lifecycle(
         gateway,

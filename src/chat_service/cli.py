@@ -1,4 +1,4 @@
-"""`chat-service` command line: serve, migrate, openapi."""
+"""`chat-service` command line: serve, migrate, openapi, asyncapi."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     openapi = commands.add_parser("openapi", help="print the OpenAPI document")
     openapi.add_argument("--output", type=Path, help="write to this file instead of stdout")
     openapi.set_defaults(handler=_openapi)
+
+    asyncapi = commands.add_parser("asyncapi", help="print the AsyncAPI document (WebSocket)")
+    asyncapi.add_argument("--output", type=Path, help="write to this file instead of stdout")
+    asyncapi.set_defaults(handler=_asyncapi)
 
     args = parser.parse_args(argv)
     sys.exit(args.handler(args))
@@ -99,9 +103,18 @@ def _openapi(args: argparse.Namespace) -> int:
     from chat_service.app import create_app
     from chat_service.openapi_export import render_openapi
 
-    document = render_openapi(create_app(Settings(jwt_secret="x" * 32)))
-    if args.output:
-        args.output.write_text(document)
+    return _write(render_openapi(create_app(Settings(jwt_secret="x" * 32))), args.output)
+
+
+def _asyncapi(args: argparse.Namespace) -> int:
+    from chat_service.realtime.asyncapi import render_asyncapi
+
+    return _write(render_asyncapi(), args.output)
+
+
+def _write(document: str, output: Path | None) -> int:
+    if output:
+        output.write_text(document)
     else:
         sys.stdout.write(document)
     return 0

@@ -7,8 +7,10 @@ one after another in seq order, and "everything after seq N" never skips a chang
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from limits import RateLimitItemPerSecond
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -19,7 +21,9 @@ from chat_service.domain.access import OWNER, room_access, user_summary
 from chat_service.domain.events import Event, EventSink, EventType
 from chat_service.errors import Conflict, Forbidden, InvalidInput, NotFound
 from chat_service.models import Membership, Message, Room, User
+from chat_service.ratelimit import RateLimiter, Rule
 from chat_service.schemas import MessagePage, MessagePublic
+from chat_service.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -39,10 +43,20 @@ class Sent:
 
 
 class MessageService:
-    def __init__(self, sessions: SessionFactory, events: EventSink, max_chars: int) -> None:
+    def __init__(
+        self,
+        sessions: SessionFactory,
+        events: EventSink,
+        limiter: RateLimiter,
+        settings: Settings,
+    ) -> None:
         self._sessions = sessions
         self._events = events
-        self._max_chars = max_chars
+        self._limiter = limiter
+        self._max_chars = settings.message_max_chars
+        # MESSAGE_BURST sends per ceil(burst / rate) seconds, per user, wherever they come from.
+        period = max(1, math.ceil(settings.message_burst / settings.message_rate_per_s))
+        self._rate = Rule("messages", RateLimitItemPerSecond(settings.message_burst, period))
 
     async def history(
         self,
@@ -108,12 +122,14 @@ class MessageService:
         self, user_id: str, room_id: str, body: str, client_id: str | None = None
     ) -> Sent:
         self._check_body(body)
+        await self._limiter.hit(self._rate, user_id)
         async with self._sessions() as db:
             (await room_access(db, room_id, user_id)).member()
             if client_id is not None:
                 original = await self._original(db, user_id, client_id, room_id)
                 if original is not None:
                     return Sent(original, created=False)
+            author = await db.get_one(User, user_id)  # now: after the commit nothing may fail
             seq = await _next_seq(db, room_id)
             message = Message(
                 room_id=room_id,
@@ -133,7 +149,7 @@ class MessageService:
                 if original is None:
                     raise
                 return Sent(original, created=False)
-            public = _public(message, await db.get_one(User, user_id))
+            public = _public(message, author)
         self._announce("message.new", public)
         return Sent(public, created=True)
 
@@ -151,8 +167,8 @@ class MessageService:
             message.change_seq = change_seq
             message.edited_at = utcnow()
             db.add(message)
-            await db.commit()
             public = _public(message, await db.get_one(User, message.author_id))
+            await db.commit()
         self._announce("message.updated", public)
         return public
 
@@ -173,8 +189,8 @@ class MessageService:
             message.deleted = True
             message.change_seq = change_seq
             db.add(message)
-            await db.commit()
             public = _public(message, await db.get_one(User, message.author_id))
+            await db.commit()
         self._announce("message.deleted", public)
 
     async def mark_read(self, user_id: str, room_id: str, seq: int) -> int:

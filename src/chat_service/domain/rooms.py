@@ -41,10 +41,14 @@ def encode_cursor(value: str) -> str:
 def decode_cursor(cursor: str | None) -> str | None:
     if cursor is None:
         return None
+    padded = cursor + "=" * (-len(cursor) % 4)
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        value = base64.b64decode(padded, altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise InvalidCursor() from exc
+    if not value.isalnum():  # cursors carry ids, which are hex
+        raise InvalidCursor()
+    return value
 
 
 def _member_count() -> Any:
@@ -201,8 +205,9 @@ class RoomService:
             ).first()
             if target is None:
                 raise NotFound("No user has this username", code="user_not_found")
-            created = await _insert_membership(db, room_id, target.id)
-            return await _membership_public(db, room_id, target.id), created
+            target_id = target.id  # a rollback below would expire `target`
+            created = await _insert_membership(db, room_id, target_id)
+            return await _membership_public(db, room_id, target_id), created
 
     async def remove_member(self, user_id: str, room_id: str, member_id: str) -> None:
         async with self._sessions() as db:

@@ -102,9 +102,14 @@ CLIENT_FRAMES: dict[str, type[ClientFrame]] = {
 # --- server frames --------------------------------------------------------------------------
 
 
+# Optional top-level fields left out of a frame when they have no value.
+OMITTED_WHEN_NONE = ("ref", "retry_after", "reason")
+
+
 class ServerFrame(BaseModel):
     def encode(self) -> str:
-        return encode(self.model_dump(mode="json", exclude_none=True))
+        omit = {name for name in OMITTED_WHEN_NONE if getattr(self, name, None) is None}
+        return encode(self.model_dump(mode="json", exclude=omit))
 
 
 class Limits(BaseModel):
@@ -116,6 +121,8 @@ class Limits(BaseModel):
 
 
 class Hello(ServerFrame):
+    """The first frame on every connection: who I am and the limits that apply."""
+
     type: Literal["hello"] = "hello"
     user: UserSummary
     connection_id: str
@@ -125,6 +132,8 @@ class Hello(ServerFrame):
 
 
 class Joined(ServerFrame):
+    """The reply to `join`: the room's history, consistent with `last_seq`, and who is online."""
+
     type: Literal["joined"] = "joined"
     ref: Ref = None
     room_id: str
@@ -135,12 +144,16 @@ class Joined(ServerFrame):
 
 
 class Left(ServerFrame):
+    """The reply to `leave`."""
+
     type: Literal["left"] = "left"
     ref: Ref = None
     room_id: str
 
 
 class Ack(ServerFrame):
+    """The reply to `message.send`: the message is committed."""
+
     type: Literal["ack"] = "ack"
     ref: Ref = None
     client_id: str
@@ -148,12 +161,16 @@ class Ack(ServerFrame):
 
 
 class MessageEvent(ServerFrame):
+    """A message in a joined room was sent, edited or deleted."""
+
     type: Literal["message.new", "message.updated", "message.deleted"]
     room_id: str
     message: MessagePublic
 
 
 class Presence(ServerFrame):
+    """A user's first connection joined the room, or the last one left it."""
+
     type: Literal["presence"] = "presence"
     room_id: str
     user: UserSummary
@@ -161,35 +178,47 @@ class Presence(ServerFrame):
 
 
 class TypingEvent(ServerFrame):
+    """Another user is typing in a joined room."""
+
     type: Literal["typing"] = "typing"
     room_id: str
     user: UserSummary
 
 
 class RoomUpdated(ServerFrame):
+    """A joined room's name, description or visibility changed."""
+
     type: Literal["room.updated"] = "room.updated"
     room_id: str
     room: dict[str, Any]
 
 
 class RoomGone(ServerFrame):
+    """The room was deleted, or I left it or was removed: its subscription has ended."""
+
     type: Literal["room.deleted", "room.removed"]
     room_id: str
     reason: str | None = None
 
 
 class AuthExpiring(ServerFrame):
+    """The access token expires soon: send `auth.refresh`, or the socket closes 4401."""
+
     type: Literal["auth.expiring"] = "auth.expiring"
     expires_at: datetime
 
 
 class AuthRefreshed(ServerFrame):
+    """The reply to `auth.refresh`."""
+
     type: Literal["auth.refreshed"] = "auth.refreshed"
     ref: Ref = None
     expires_at: datetime
 
 
 class Pong(ServerFrame):
+    """The reply to `ping`."""
+
     type: Literal["pong"] = "pong"
     ref: Ref = None
 
@@ -208,6 +237,8 @@ ErrorCode = Literal[
 
 
 class Error(ServerFrame):
+    """A frame could not be handled; the connection stays open."""
+
     type: Literal["error"] = "error"
     code: ErrorCode
     detail: str

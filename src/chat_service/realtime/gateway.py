@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
 import orjson
-from limits import RateLimitItemPerSecond
 from pydantic import ValidationError
 from starlette.websockets import WebSocket
 
@@ -26,11 +24,18 @@ from chat_service.domain.access import user_summary
 from chat_service.domain.accounts import AccountService, Principal
 from chat_service.domain.messages import MessageService
 from chat_service.domain.rooms import RoomService
-from chat_service.errors import DomainError, Forbidden, RateLimited, Unauthorized, socket_error
-from chat_service.ratelimit import RateLimiter, Rule
+from chat_service.errors import (
+    STORAGE_FAILURES,
+    DomainError,
+    Forbidden,
+    RateLimited,
+    Unauthorized,
+    socket_error,
+)
 from chat_service.realtime import frames
 from chat_service.realtime.connection import CLOSE_TIMEOUT_S, Connection, Outbound
 from chat_service.realtime.hub import Hub
+from chat_service.schemas import MessagePublic
 from chat_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,18 +69,12 @@ class Gateway:
         accounts: AccountService,
         rooms: RoomService,
         messages: MessageService,
-        limiter: RateLimiter,
     ) -> None:
         self._settings = settings
         self._hub = hub
         self._accounts = accounts
         self._rooms = rooms
         self._messages = messages
-        self._limiter = limiter
-        period = max(1, math.ceil(settings.message_burst / settings.message_rate_per_s))
-        self._message_rule = Rule(
-            "messages", RateLimitItemPerSecond(settings.message_burst, period)
-        )
         self._draining = False
         self._handlers: dict[str, Handler] = {
             "join": self._join,
@@ -138,12 +137,11 @@ class Gateway:
             done, _ = await asyncio.wait(
                 {writer, receiver, closing}, return_when=asyncio.FIRST_COMPLETED
             )
-            if writer not in done and receiver not in done:
-                # A close was asked for: give the writer a moment to flush and send it.
-                done, _ = await asyncio.wait(
-                    {writer, receiver}, timeout=CLOSE_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
+            if writer not in done and connection.is_closing:
+                # A close was asked for: give the writer a moment to flush and send it. A
+                # writer still stuck after that is behind a reader that stopped reading.
+                finished, _ = await asyncio.wait({writer}, timeout=CLOSE_TIMEOUT_S)
+                if not finished:
                     await connection.abort_writer(writer)
         finally:
             for task in (writer, receiver, expiry, closing):
@@ -151,6 +149,15 @@ class Gateway:
             await asyncio.gather(writer, receiver, expiry, closing, return_exceptions=True)
 
     async def _receive(self, connection: Connection, room_id: str | None) -> None:
+        try:
+            await self._receive_frames(connection, room_id)
+        except STORAGE_FAILURES:
+            connection.close(1013, "storage unavailable: reconnect with backoff and resume")
+        except Exception:
+            log.exception("connection failed", extra={"connection_id": connection.id})
+            connection.close(1011, "internal error: reconnect with backoff and resume")
+
+    async def _receive_frames(self, connection: Connection, room_id: str | None) -> None:
         websocket = connection.websocket
         if room_id is not None and not await self._join_at_connect(connection, room_id):
             return
@@ -217,6 +224,8 @@ class Gateway:
             raise Refused(4403, exc.code) from exc
         except DomainError as exc:
             raise Refused(4401, exc.code) from exc
+        except STORAGE_FAILURES as exc:
+            raise Refused(1013, "storage unavailable: retry with backoff") from exc
         limit = self._settings.max_connections_per_user
         if self._hub.connections_of(principal.user.id) >= limit:
             raise Refused(4429, f"too many connections for this user (limit {limit})")
@@ -331,12 +340,18 @@ class Gateway:
         except BaseException:
             self._hub.unsubscribe(connection, room_id)
             raise
+        # A reply must fit the outbound queue: half its byte budget, the rest via REST.
+        messages, cut = _fit(
+            snapshot.messages,
+            self._settings.outbound_queue_bytes // 2,
+            keep_newest=frame.since_seq is None,
+        )
         joined = frames.Joined(
             ref=frame.ref,
             room_id=room_id,
-            messages=snapshot.messages,
+            messages=messages,
             last_seq=snapshot.last_seq,
-            truncated=snapshot.truncated,
+            truncated=snapshot.truncated or cut,
             online=self._hub.online(room_id),
         )
         connection.offer(Outbound(joined.encode()))
@@ -347,27 +362,25 @@ class Gateway:
         connection.offer(Outbound(frames.Left(ref=frame.ref, room_id=frame.room_id).encode()))
 
     async def _send(self, connection: Connection, frame: frames.MessageSend) -> None:
-        await self._check_message_rate(connection)
-        sent = await self._messages.send(
-            connection.user_id, frame.room_id, frame.body, frame.client_id
-        )
+        try:
+            sent = await self._messages.send(
+                connection.user_id, frame.room_id, frame.body, frame.client_id
+            )
+        except RateLimited:
+            self._note_refusal(connection)
+            raise
         ack = frames.Ack(ref=frame.ref, client_id=frame.client_id, message=sent.message)
         connection.offer(Outbound(ack.encode()))
 
-    async def _check_message_rate(self, connection: Connection) -> None:
-        try:
-            await self._limiter.hit(self._message_rule, connection.user_id)
-        except RateLimited:
-            refusals = connection.refused_sends
-            now = time.monotonic()
-            refusals.append(now)
-            while refusals and now - refusals[0] > FLOOD_WINDOW_S:
-                refusals.popleft()
-            if len(refusals) > FLOOD_REFUSALS:
-                connection.close(
-                    4429, f"sustained flooding: back off {FLOOD_BACKOFF_S} s", flush=True
-                )
-            raise
+    def _note_refusal(self, connection: Connection) -> None:
+        """A client that keeps sending far past its limit is closed 4429."""
+        refusals = connection.refused_sends
+        now = time.monotonic()
+        refusals.append(now)
+        while refusals and now - refusals[0] > FLOOD_WINDOW_S:
+            refusals.popleft()
+        if len(refusals) > FLOOD_REFUSALS:
+            connection.close(4429, f"sustained flooding: back off {FLOOD_BACKOFF_S} s")
 
     async def _typing(self, connection: Connection, frame: frames.Typing) -> None:
         if frame.room_id not in connection.rooms:
@@ -400,6 +413,23 @@ class Gateway:
         connection.credentials_changed.set()
         reply = frames.AuthRefreshed(ref=frame.ref, expires_at=principal.expires_at)
         connection.offer(Outbound(reply.encode()))
+
+
+def _fit(
+    messages: list[MessagePublic], budget: int, *, keep_newest: bool
+) -> tuple[list[MessagePublic], bool]:
+    """As many messages as fit in `budget` bytes of JSON, from the oldest (or the newest)."""
+    ordered = reversed(messages) if keep_newest else iter(messages)
+    kept: list[MessagePublic] = []
+    used = 0
+    for message in ordered:
+        used += len(message.model_dump_json())
+        if used > budget:
+            break
+        kept.append(message)
+    if keep_newest:
+        kept.reverse()
+    return kept, len(kept) < len(messages)
 
 
 def _describe(exc: ValidationError) -> str:
