@@ -252,7 +252,7 @@ async def live_server_factory(
         return LiveServer(app, server, port)
 
     yield start
-    for server, task in servers:
+    for server, task in reversed(servers):  # signal handlers unwind in LIFO order
         server.should_exit = True
         await asyncio.wait_for(task, 30)
 

@@ -122,13 +122,13 @@ class MessageService:
         self, user_id: str, room_id: str, body: str, client_id: str | None = None
     ) -> Sent:
         self._check_body(body)
-        await self._limiter.hit(self._rate, user_id)
         async with self._sessions() as db:
             (await room_access(db, room_id, user_id)).member()
             if client_id is not None:
                 original = await self._original(db, user_id, client_id, room_id)
                 if original is not None:
-                    return Sent(original, created=False)
+                    return Sent(original, created=False)  # a resend costs no rate budget
+            await self._limiter.hit(self._rate, user_id)
             author = await db.get_one(User, user_id)  # now: after the commit nothing may fail
             seq = await _next_seq(db, room_id)
             message = Message(

@@ -22,6 +22,8 @@ from chat_service.schemas import UserSummary
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 5.0
+# A close frame behind a reader that stopped reading never goes out: do not wait long.
+STUCK_CLOSE_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,11 @@ class Connection:
         return self._close is not None
 
     @property
+    def flushing(self) -> bool:
+        """Closing, with queued frames to deliver first."""
+        return self._close is not None and self._close.flush
+
+    @property
     def queued(self) -> tuple[int, int]:
         return len(self._queue), self._queued_bytes
 
@@ -137,7 +144,7 @@ class Connection:
             await writer
         if self._close is not None:
             with contextlib.suppress(OSError, RuntimeError, TimeoutError, WebSocketDisconnect):
-                await asyncio.wait_for(self._send_close(), CLOSE_TIMEOUT_S)
+                await asyncio.wait_for(self._send_close(), STUCK_CLOSE_TIMEOUT_S)
 
     async def _send_close(self) -> None:
         if self._close is not None:

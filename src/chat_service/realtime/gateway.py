@@ -138,9 +138,13 @@ class Gateway:
                 {writer, receiver, closing}, return_when=asyncio.FIRST_COMPLETED
             )
             if writer not in done and connection.is_closing:
-                # A close was asked for: give the writer a moment to flush and send it. A
-                # writer still stuck after that is behind a reader that stopped reading.
-                finished, _ = await asyncio.wait({writer}, timeout=CLOSE_TIMEOUT_S)
+                # Closing: out of the room at once, whatever the socket does from here on.
+                self._hub.unregister(connection)
+                # Give the writer a moment to flush and send the close. One still stuck
+                # after that (or one with nothing to flush) is behind a reader that
+                # stopped reading.
+                timeout = CLOSE_TIMEOUT_S if connection.flushing else 0
+                finished, _ = await asyncio.wait({writer}, timeout=timeout)
                 if not finished:
                     await connection.abort_writer(writer)
         finally:
@@ -176,7 +180,7 @@ class Gateway:
     async def _join_at_connect(self, connection: Connection, room_id: str) -> bool:
         try:
             await self._join(connection, frames.Join(type="join", room_id=room_id))
-        except DomainError:
+        except (DomainError, ValidationError):
             connection.close(4404, "room not found")
             return False
         return True
@@ -228,7 +232,9 @@ class Gateway:
             raise Refused(1013, "storage unavailable: retry with backoff") from exc
         limit = self._settings.max_connections_per_user
         if self._hub.connections_of(principal.user.id) >= limit:
-            raise Refused(4429, f"too many connections for this user (limit {limit})")
+            raise Refused(
+                4429, f"too many connections for this user (limit {limit}): back off 30 s"
+            )
         return principal
 
     async def _principal(self, websocket: WebSocket) -> Principal:
@@ -340,6 +346,8 @@ class Gateway:
         except BaseException:
             self._hub.unsubscribe(connection, room_id)
             raise
+        if room_id not in connection.rooms:  # removed, or the room deleted, meanwhile
+            raise Forbidden("The subscription ended while joining")
         # A reply must fit the outbound queue: half its byte budget, the rest via REST.
         messages, cut = _fit(
             snapshot.messages,
