@@ -72,7 +72,7 @@ async def test_database_down_is_503_not_a_hang(app_factory: AppFactory) -> None:
         assert ready.json() == {
             "detail": "Not ready",
             "code": "unavailable",
-            "checks": {"database": "unavailable"},
+            "checks": {"database": "unavailable", "broker": "ok"},
         }
         signup = await client.post(
             f"{API}/auth/signup", json={"username": "nobody", "password": "long enough"}
@@ -86,7 +86,7 @@ async def test_health_endpoints(client: httpx.AsyncClient) -> None:
     assert (await client.get("/healthz")).json() == {"status": "ok", "checks": {}}
     ready = await client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ok", "checks": {"database": "ok"}}
+    assert ready.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
 
 
 async def test_integrity_errors_are_not_leaked(client: httpx.AsyncClient, app: FastAPI) -> None:

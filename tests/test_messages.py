@@ -385,11 +385,12 @@ async def test_read_cursor_moves_forward_only(
 
 
 async def test_concurrent_changes_take_seqs_1_to_n_and_a_poller_sees_each_once(
-    app: FastAPI,
+    app_factory: AppFactory,
 ) -> None:
     """Hundreds of concurrent sends, edits and deletes over separate connections, while a
     reader polls after_seq: seqs are exactly 1..N, and the reader never sees a change twice,
     never out of order, and ends with exactly the stored state."""
+    app = await app_factory(message_rate_per_s=100_000, message_burst=100_000)
     writers = [client_for(app, f"10.0.0.{n}") for n in range(8)]
     reader_client = client_for(app, "10.0.1.1")
     async with reader_client:

@@ -761,14 +761,22 @@ async def test_cannot_join_a_private_or_missing_room(
 async def test_concurrent_joins_make_one_membership(
     client: httpx.AsyncClient, alice: Account, bob: Account, engine: AsyncEngine
 ) -> None:
-    room = await create_room(client, alice.headers, name="Lobby")
-    url = f"{API}/rooms/{room['id']}/join"
-    responses = await asyncio.gather(*(client.post(url, headers=bob.headers) for _ in range(3)))
-    assert [r.status_code for r in responses] == [200, 200, 200], [r.text for r in responses]
-    assert len({r.json()["joined_at"] for r in responses}) == 1
-    assert all(r.json()["role"] == "member" for r in responses)
-    assert await count_rows(engine, "memberships", room_id=room["id"], user_id=bob.id) == 1
-    assert (await get_room(client, bob, room["id"]))["member_count"] == 2
+    # Several rooms at once, three joins each, so the race has many chances to happen.
+    rooms = [(await create_room(client, alice.headers, name=f"r{i}"))["id"] for i in range(5)]
+    responses = await asyncio.gather(
+        *(
+            client.post(f"{API}/rooms/{room_id}/join", headers=bob.headers)
+            for room_id in rooms
+            for _ in range(3)
+        )
+    )
+    assert [r.status_code for r in responses] == [200] * 15, [r.text for r in responses]
+    for i, room_id in enumerate(rooms):
+        memberships = [r.json() for r in responses[3 * i : 3 * i + 3]]
+        assert all(m["room_id"] == room_id and m["role"] == "member" for m in memberships)
+        assert len({m["joined_at"] for m in memberships}) == 1
+        assert await count_rows(engine, "memberships", room_id=room_id, user_id=bob.id) == 1
+        assert (await get_room(client, bob, room_id))["member_count"] == 2
 
 
 # --- leave ----------------------------------------------------------------------------------

@@ -217,7 +217,7 @@ async def test_errors_and_readiness_on_the_real_server(server: ServerProcess) ->
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         ready = await client.get("/readyz")
         assert ready.status_code == 200, ready.text
-        assert ready.json() == {"status": "ok", "checks": {"database": "ok"}}
+        assert ready.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
 
         assert_error_shape(await client.get(f"{API}/no-such-thing"), 404, "not_found")
         assert_error_shape(await client.get("/no-such-thing"), 404, "not_found")
@@ -322,7 +322,8 @@ def test_embedded_default_creates_and_reuses_data_and_secret(tmp_path: Path) -> 
             me = client.get(f"{API}/users/me", headers=bearer(token))
             assert me.status_code == 200, me.text
             assert me.json()["id"] == user_id
-            assert client.get("/readyz").json() == {"status": "ok", "checks": {"database": "ok"}}
+            ready = client.get("/readyz").json()
+            assert ready == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
     except BaseException:
         first.stop()  # the failure above is the one to report
         raise

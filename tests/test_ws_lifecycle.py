@@ -36,7 +36,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from chat_service.domain.events import Event
+from chat_service.domain.events import Event, EventBus
 from chat_service.realtime.connection import CLOSE_TIMEOUT_S, Connection, Outbound
 from chat_service.realtime.hub import REORDER_WAIT_S, Hub
 from chat_service.schemas import UserSummary
@@ -953,27 +953,37 @@ def message_event(room_id: str, seq: int) -> Event:
 
 
 async def test_hub_delivers_each_room_in_seq_order() -> None:
-    hub = Hub()
+    presence: list[Event] = []
+    bus = EventBus()
+    bus.subscribe(presence.append)
+    hub = Hub(bus)
     reader = FakeConnection("reader")
     hub.register(reader)  # type: ignore[arg-type]
     hub.subscribe(reader, "ordered")  # type: ignore[arg-type]
     hub.subscribe(reader, "gappy")  # type: ignore[arg-type]
 
     for seq in (1, 3, 2):
-        hub.on_event(message_event("ordered", seq))
+        hub.dispatch(message_event("ordered", seq))
     await asyncio.sleep(REORDER_WAIT_S / 4)
     assert reader.seqs() == [1, 2, 3], "3 overtook 2"
 
     reader.frames.clear()
     for seq in (1, 3):
-        hub.on_event(message_event("gappy", seq))
+        hub.dispatch(message_event("gappy", seq))
     await asyncio.sleep(REORDER_WAIT_S / 4)
     assert reader.seqs() == [1], "3 went out before its wait for 2 was over"
     await asyncio.sleep(REORDER_WAIT_S * 1.5)
     assert reader.seqs() == [1, 3], "a lost seq stalls the room"
-    hub.on_event(message_event("gappy", 4))
+    hub.dispatch(message_event("gappy", 4))
     await asyncio.sleep(0.01)
     assert reader.seqs() == [1, 3, 4]
 
     hub.unregister(reader)  # type: ignore[arg-type]
     assert all(value == 0 for value in hub.stats().values()), hub.stats()
+    # Presence goes out as events (through the broker, to every process), once per room.
+    changes = [(e.type, e.room_id, e.data["status"]) for e in presence]
+    assert changes[:2] == [("presence", "ordered", "online"), ("presence", "gappy", "online")]
+    assert sorted(changes[2:]) == [
+        ("presence", "gappy", "offline"),
+        ("presence", "ordered", "offline"),
+    ]

@@ -10,6 +10,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from chat_service import __version__
 from chat_service.api import auth, health, messages, rooms, ws
+from chat_service.broker import broker_from_url
 from chat_service.db import create_engine, create_session_factory
 from chat_service.domain.accounts import AccountService
 from chat_service.domain.events import EventBus
@@ -19,6 +20,7 @@ from chat_service.errors import error_responses, install_error_handlers
 from chat_service.lifecycle import Lifecycle
 from chat_service.logging_config import configure_logging
 from chat_service.ratelimit import RateLimiter
+from chat_service.realtime.fanout import Fanout
 from chat_service.realtime.gateway import Gateway
 from chat_service.realtime.hub import Hub
 from chat_service.security.passwords import PasswordHasher
@@ -52,17 +54,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         audience=settings.jwt_audience,
         ttl_s=settings.access_token_ttl_s,
     )
-    limiter = RateLimiter(settings.rate_limit_storage_url)
+    limiter = RateLimiter(settings.resolved_rate_limit_storage_url)
     sessions = create_session_factory(engine)
     events = EventBus()
-    hub = Hub()
-    events.subscribe(hub.on_event)
+    hub = Hub(events)
+    fanout = Fanout(broker_from_url(settings.broker_url), hub)
+    hub.on_room_idle = fanout.room_idle
+    events.subscribe(fanout.publish)
     accounts = AccountService(sessions, hasher, codec, limiter, events, settings)
     rooms = RoomService(sessions, events, is_online=hub.is_online)
     messages = MessageService(sessions, events, limiter, settings)
     gateway = Gateway(
         settings=settings,
         hub=hub,
+        fanout=fanout,
+        events=events,
         accounts=accounts,
         rooms=rooms,
         messages=messages,
@@ -76,17 +82,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.limiter = limiter
     app.state.events = events
     app.state.hub = hub
+    app.state.broker = fanout.broker
     app.state.accounts = accounts
     app.state.rooms = rooms
     app.state.messages = messages
     app.state.gateway = gateway
     app.state.lifecycle = lifecycle
+    await fanout.start()
     lifecycle.install()
     try:
         yield
     finally:
         lifecycle.uninstall()
         await lifecycle.shutdown()
+        await fanout.stop()
         hasher.close()
         await engine.dispose()
 

@@ -56,7 +56,8 @@ def rate_limit_headers(usages: list[Usage]) -> dict[str, str]:
 
 class RateLimiter:
     def __init__(self, storage_url: str) -> None:
-        storage = storage_from_string(_async_scheme(storage_url))
+        options = {"implementation": "redispy"} if "redis" in storage_url.split(":", 1)[0] else {}
+        storage = storage_from_string(_async_scheme(storage_url), **options)
         assert isinstance(storage, Storage)
         self.storage = storage
         self._strategy = MovingWindowRateLimiter(self.storage)

@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = "127.0.0.1"
 
     broker_url: str = "memory://"
-    rate_limit_storage_url: str = "memory://"
+    rate_limit_storage_url: str = ""
 
     message_max_chars: int = Field(4000, ge=1)
     frame_max_bytes: int = Field(64 * 1024, ge=1024)
@@ -123,6 +123,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'chat.db').resolve()}"
+
+    @property
+    def resolved_rate_limit_storage_url(self) -> str:
+        """Where limit counters live: with a shared broker, shared by default too."""
+        return self.rate_limit_storage_url or self.broker_url
 
     @property
     def is_sqlite(self) -> bool:

@@ -36,8 +36,11 @@ async def healthz() -> HealthStatus:
     },
 )
 async def readyz(request: Request) -> JSONResponse:
-    """The database is reachable: this instance can take traffic."""
-    checks = {"database": "ok"}
+    """The database and the broker are reachable: this instance can take traffic."""
+    checks = {
+        "database": "ok",
+        "broker": "ok" if request.app.state.broker.healthy else "unavailable",
+    }
     if request.app.state.lifecycle.draining:
         checks["shutdown"] = "draining"
     try:

@@ -21,6 +21,8 @@ EventType = Literal[
     "room.deleted",
     "room.removed",
     "session.revoked",
+    "presence",
+    "typing",
 ]
 
 

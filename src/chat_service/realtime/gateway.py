@@ -22,6 +22,7 @@ from starlette.websockets import WebSocket
 from chat_service.clock import utcnow
 from chat_service.domain.access import user_summary
 from chat_service.domain.accounts import AccountService, Principal
+from chat_service.domain.events import Event, EventSink
 from chat_service.domain.messages import MessageService
 from chat_service.domain.rooms import RoomService
 from chat_service.errors import (
@@ -34,6 +35,7 @@ from chat_service.errors import (
 )
 from chat_service.realtime import frames
 from chat_service.realtime.connection import CLOSE_TIMEOUT_S, Connection, Outbound
+from chat_service.realtime.fanout import Fanout
 from chat_service.realtime.hub import Hub
 from chat_service.schemas import MessagePublic
 from chat_service.settings import Settings
@@ -66,12 +68,16 @@ class Gateway:
         *,
         settings: Settings,
         hub: Hub,
+        fanout: Fanout,
+        events: EventSink,
         accounts: AccountService,
         rooms: RoomService,
         messages: MessageService,
     ) -> None:
         self._settings = settings
         self._hub = hub
+        self._fanout = fanout
+        self._events = events
         self._accounts = accounts
         self._rooms = rooms
         self._messages = messages
@@ -336,6 +342,7 @@ class Gateway:
         connection.joining[room_id] = []
         self._hub.subscribe(connection, room_id)
         try:
+            await self._fanout.watch(room_id)  # before the history read: no event slips by
             snapshot = await self._messages.snapshot(
                 connection.user_id,
                 room_id,
@@ -399,11 +406,13 @@ class Gateway:
             time.monotonic(),
             1 / self._settings.typing_rate_per_s,
         ):
-            self._hub.broadcast(
-                frame.room_id,
-                {"type": "typing", "room_id": frame.room_id, "user": connection.user.model_dump()},
-                droppable=True,
-                skip_user=connection.user_id,
+            self._events.publish(
+                Event(
+                    "typing",
+                    {"user": connection.user.model_dump()},
+                    room_id=frame.room_id,
+                    user_id=connection.user_id,
+                )
             )
 
     async def _read(self, connection: Connection, frame: frames.Read) -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from chat_service.domain.events import Event
+from chat_service.domain.events import Event, EventSink
 from chat_service.realtime.connection import Connection, Outbound
 from chat_service.realtime.frames import encode
 from chat_service.schemas import UserSummary
@@ -36,7 +37,10 @@ class RoomState:
 
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, events: EventSink) -> None:
+        # Presence changes are events too: they reach the other processes through the broker.
+        self._events = events
+        self.on_room_idle: Callable[[str], None] = lambda _room_id: None
         self._rooms: dict[str, RoomState] = {}
         self._by_user: dict[str, set[Connection]] = defaultdict(set)
         self._by_session: dict[str, set[Connection]] = defaultdict(set)
@@ -96,6 +100,7 @@ class Hub:
             if room.release_timer is not None:
                 room.release_timer.cancel()
             del self._rooms[room_id]
+            self.on_room_idle(room_id)
 
     def online(self, room_id: str) -> list[UserSummary]:
         room = self._rooms.get(room_id)
@@ -103,6 +108,9 @@ class Hub:
             return []
         users = {c.user_id: c.user for c in room.connections}
         return [users[user_id] for user_id in sorted(room.users)]
+
+    def has_subscribers(self, room_id: str) -> bool:
+        return room_id in self._rooms
 
     def is_online(self, room_id: str, user_id: str) -> bool:
         room = self._rooms.get(room_id)
@@ -168,14 +176,14 @@ class Hub:
             else:
                 connection.offer(outbound)
 
-    def on_event(self, event: Event) -> None:
-        """EventBus subscriber. Runs on the next loop turn, so a sender's `ack` (queued right
-        after its commit returns) goes out before the `message.new` it caused."""
-        asyncio.get_running_loop().call_soon(self._dispatch, event)
-
-    def _dispatch(self, event: Event) -> None:
+    def dispatch(self, event: Event) -> None:
+        """Deliver an event from the broker to the local connections it concerns."""
         if event.type in MESSAGE_EVENTS:
             self._message_event(event)
+        elif event.type in ("presence", "typing") and event.room_id:
+            frame = {"type": event.type, "room_id": event.room_id, **event.data}
+            skip = event.user_id if event.type == "typing" else None
+            self.broadcast(event.room_id, frame, droppable=True, skip_user=skip)
         elif event.type == "room.updated" and event.room_id:
             room = event.data["room"]
             self.broadcast(
@@ -239,11 +247,8 @@ class Hub:
             room.next_seq = seq + 1
 
     def _presence(self, room_id: str, user: UserSummary, status: str) -> None:
-        self.broadcast(
-            room_id,
-            {"type": "presence", "room_id": room_id, "user": user.model_dump(), "status": status},
-            droppable=True,
-        )
+        data = {"user": user.model_dump(), "status": status}
+        self._events.publish(Event("presence", data, room_id=room_id, user_id=user.id))
 
     def _end_room(self, room_id: str, frame: dict[str, Any], only_user: str | None = None) -> None:
         room = self._rooms.get(room_id)

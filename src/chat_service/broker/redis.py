@@ -1,0 +1,142 @@
+"""The Redis pub/sub broker: events cross processes and hosts through Redis.
+
+Payloads published here reach this process's own subscribers directly (not through Redis),
+so local delivery goes on while Redis is down; other processes get them through Redis, and
+echoes of our own publishes are dropped by their origin tag. The subscriber connection
+reconnects with backoff and subscribes again to every channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from chat_service.broker.base import Delivery
+
+log = logging.getLogger(__name__)
+
+OPERATION_TIMEOUT_S = 2.0
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 5.0
+SEPARATOR = b"|"
+FAILURES = (RedisError, OSError, TimeoutError)
+
+
+class RedisBroker:
+    def __init__(self, url: str) -> None:
+        self.healthy = False
+        self._url = url
+        self._origin = secrets.token_hex(8).encode()
+        self._channels: set[str] = set()
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._client: aioredis.Redis | None = None
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        self._client = aioredis.from_url(
+            self._url,
+            socket_connect_timeout=OPERATION_TIMEOUT_S,
+            health_check_interval=5,
+        )
+        self._reader = asyncio.create_task(self._read_forever(), name="redis-broker-reader")
+
+    async def disconnect(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self._close_pubsub()
+        if self._client is not None:
+            await self._client.aclose()
+        self.healthy = False
+
+    async def subscribe(self, channel: str) -> None:
+        self._channels.add(channel)
+        if self._pubsub is None or not self.healthy:
+            return  # the reader subscribes to every channel when it (re)connects
+        confirmed = self._confirmations.setdefault(
+            channel, asyncio.get_running_loop().create_future()
+        )
+        try:
+            await asyncio.wait_for(self._pubsub.subscribe(channel), OPERATION_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.shield(confirmed), OPERATION_TIMEOUT_S)
+        except FAILURES as exc:
+            log.warning("redis subscribe failed", extra={"channel": channel, "error": repr(exc)})
+        finally:
+            self._confirmations.pop(channel, None)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._channels.discard(channel)
+        if self._pubsub is not None and self.healthy:
+            with contextlib.suppress(*FAILURES):
+                await asyncio.wait_for(self._pubsub.unsubscribe(channel), OPERATION_TIMEOUT_S)
+
+    async def publish(self, channel: str, payload: bytes) -> None:
+        if channel in self._channels:
+            self._queue.put_nowait(Delivery(channel, payload))
+        if self._client is None:
+            return
+        try:
+            await asyncio.wait_for(
+                self._client.publish(channel, self._origin + SEPARATOR + payload),
+                OPERATION_TIMEOUT_S,
+            )
+        except FAILURES as exc:
+            # Local subscribers have it already; other processes miss it (clients resync).
+            log.warning("redis publish failed", extra={"channel": channel, "error": repr(exc)})
+
+    async def deliveries(self) -> AsyncIterator[Delivery]:
+        while True:
+            yield await self._queue.get()
+
+    async def _read_forever(self) -> None:
+        backoff = BACKOFF_FIRST_S
+        while True:
+            try:
+                await self._listen()
+            except FAILURES as exc:
+                if self.healthy:
+                    log.warning("redis connection lost; reconnecting", extra={"error": repr(exc)})
+                self.healthy = False
+                await self._close_pubsub()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+            else:  # unsubscribed from everything: start over
+                await self._close_pubsub()
+                backoff = BACKOFF_FIRST_S
+
+    async def _listen(self) -> None:
+        assert self._client is not None
+        self._pubsub = self._client.pubsub()
+        if not self._channels:
+            raise RedisError("nothing to subscribe to yet")
+        await self._pubsub.subscribe(*self._channels)
+        if not self.healthy:
+            log.info("redis broker connected", extra={"channels": len(self._channels)})
+        self.healthy = True
+        async for message in self._pubsub.listen():
+            kind = message["type"]
+            channel = message["channel"].decode()
+            if kind == "subscribe":
+                future = self._confirmations.get(channel)
+                if future is not None and not future.done():
+                    future.set_result(None)
+            elif kind == "message":
+                origin, _, payload = message["data"].partition(SEPARATOR)
+                if origin != self._origin and channel in self._channels:
+                    self._queue.put_nowait(Delivery(channel, payload))
+
+    async def _close_pubsub(self) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(*FAILURES):
+                await self._pubsub.aclose()
+            self._pubsub = None
