@@ -107,7 +107,6 @@ class Gateway:
                 "websocket refused", extra={"close_code": refused.code, "reason": refused.reason}
             )
             return
-        await websocket.accept(subprotocol=subprotocol)
         connection = Connection(
             websocket,
             user=user_summary(principal.user),
@@ -116,11 +115,14 @@ class Gateway:
             max_frames=self._settings.outbound_queue_frames,
             max_bytes=self._settings.outbound_queue_bytes,
         )
+        # Registered before any await: the per-user connection cap just checked holds.
         self._hub.register(connection)
-        log.info(
-            "websocket open", extra={"connection_id": connection.id, "user_id": connection.user_id}
-        )
         try:
+            await websocket.accept(subprotocol=subprotocol)
+            log.info(
+                "websocket open",
+                extra={"connection_id": connection.id, "user_id": connection.user_id},
+            )
             connection.offer(Outbound(self._hello(connection).encode()))
             await self._run(connection, room_id)
         finally:
