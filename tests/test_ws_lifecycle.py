@@ -967,8 +967,9 @@ async def test_hub_delivers_each_room_in_seq_order() -> None:
     hub = Hub(bus)
     reader = FakeConnection("reader")
     hub.register(reader)  # type: ignore[arg-type]
-    hub.subscribe(reader, "ordered")  # type: ignore[arg-type]
-    hub.subscribe(reader, "gappy")  # type: ignore[arg-type]
+    for room in ("ordered", "gappy"):  # as the gateway joins: subscribe, history, finish
+        hub.subscribe(reader, room)  # type: ignore[arg-type]
+        hub.finish_join(reader, room, 0)  # type: ignore[arg-type]
 
     for seq in (1, 3, 2):
         hub.dispatch(message_event("ordered", seq))
@@ -986,12 +987,19 @@ async def test_hub_delivers_each_room_in_seq_order() -> None:
     await asyncio.sleep(0.01)
     assert reader.seqs() == [1, 3, 4]
 
+    # Before any join has told the hub where a room stands, events wait for it.
+    hub.subscribe(reader, "fresh")  # type: ignore[arg-type]
+    reader.frames.clear()
+    for seq in (6, 5):
+        hub.dispatch(message_event("fresh", seq))
+    assert reader.seqs() == []
+    hub.finish_join(reader, "fresh", 4)  # type: ignore[arg-type]
+    assert reader.seqs() == [5, 6]
+
     hub.unregister(reader)  # type: ignore[arg-type]
     assert all(value == 0 for value in hub.stats().values()), hub.stats()
     # Presence goes out as events (through the broker, to every process), once per room.
     changes = [(e.type, e.room_id, e.data["status"]) for e in presence]
-    assert changes[:2] == [("presence", "ordered", "online"), ("presence", "gappy", "online")]
-    assert sorted(changes[2:]) == [
-        ("presence", "gappy", "offline"),
-        ("presence", "ordered", "offline"),
-    ]
+    rooms = ["ordered", "gappy", "fresh"]
+    assert changes[:3] == [("presence", room, "online") for room in rooms]
+    assert sorted(changes[3:]) == sorted(("presence", room, "offline") for room in rooms)

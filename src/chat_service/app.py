@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.routing import Match, Mount
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from chat_service import __version__
 from chat_service.api import auth, health, messages, rooms, ws
@@ -28,6 +32,7 @@ from chat_service.security.tokens import AccessTokenCodec
 from chat_service.settings import Settings, load_settings
 
 API_PREFIX = "/api/v1"
+WEB_DIR = Path(__file__).parent / "web"
 DESCRIPTION = """
 Authenticated real-time chat. REST for accounts, rooms and history; a WebSocket at `/ws` for
 live messages (see `openapi/asyncapi.yaml` and `docs/protocol.md`).
@@ -35,6 +40,30 @@ live messages (see `openapi/asyncapi.yaml` and `docs/protocol.md`).
 Every error answers `{"detail": "...", "code": "..."}` (plus `errors` on 422). Rate-limited
 endpoints send `RateLimit-Policy` and `RateLimit` headers, and `Retry-After` with 429.
 """
+
+
+class WebClient(Mount):
+    """The demo web client (`src/chat_service/web`) at `/`, after every other route.
+
+    It takes only GET and HEAD requests for `/` and its own files; anything else falls through
+    to the router as before (JSON 404, 405 for a wrong method, trailing-slash redirects,
+    refused WebSockets). Being a Mount, it stays out of the OpenAPI document.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("/", app=StaticFiles(directory=WEB_DIR, html=True), name="web")
+        files = (path for path in WEB_DIR.rglob("*") if path.is_file())
+        self.paths = {"/"} | {"/" + path.relative_to(WEB_DIR).as_posix() for path in files}
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
+            return Match.NONE, {}
+        path, root_path = scope["path"], scope.get("root_path", "")
+        if root_path and path.startswith(root_path + "/"):
+            path = path[len(root_path) :]
+        if path not in self.paths:
+            return Match.NONE, {}
+        return super().matches(scope)
 
 
 @asynccontextmanager
@@ -123,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (auth.router, rooms.router, messages.router):
         app.include_router(router, prefix=API_PREFIX, responses=error_responses(503))
     app.include_router(ws.router)
+    app.router.routes.append(WebClient())  # last: it must not shadow the API
     return app
 
 

@@ -7,16 +7,21 @@ HTTP answers carry the IETF RateLimit headers (draft-ietf-httpapi-ratelimit-head
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
 
 from limits import RateLimitItem, parse
-from limits.aio.storage import Storage
+from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError as LimitsStorageError
 from limits.storage import storage_from_string
+from redis.exceptions import RedisError
 
 from chat_service.errors import RateLimited
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,16 +59,28 @@ def rate_limit_headers(usages: list[Usage]) -> dict[str, str]:
     }
 
 
+# What a shared counter store that is down or slow looks like.
+STORAGE_FAILURES = (RedisError, LimitsStorageError, OSError, TimeoutError)
+
+
 class RateLimiter:
+    """Counters in the configured storage; while a shared one is unreachable, each process
+    counts on its own (limits stay in force, per process) rather than failing requests."""
+
     def __init__(self, storage_url: str) -> None:
         options = {"implementation": "redispy"} if "redis" in storage_url.split(":", 1)[0] else {}
         storage = storage_from_string(_async_scheme(storage_url), **options)
         assert isinstance(storage, Storage)
         self.storage = storage
         self._strategy = MovingWindowRateLimiter(self.storage)
+        self._fallback = MovingWindowRateLimiter(MemoryStorage())
 
     async def usage(self, rule: Rule, key: str) -> Usage:
-        stats = await self._strategy.get_window_stats(rule.item, rule.name, key)
+        try:
+            stats = await self._strategy.get_window_stats(rule.item, rule.name, key)
+        except STORAGE_FAILURES as exc:
+            _warn_fallback(exc)
+            stats = await self._fallback.get_window_stats(rule.item, rule.name, key)
         reset_in = max(0, math.ceil(stats.reset_time - time.time()))
         return Usage(rule, stats.remaining, reset_in)
 
@@ -76,14 +93,21 @@ class RateLimiter:
 
     async def hit(self, rule: Rule, key: str) -> Usage:
         """Count one event against `rule` for `key`; raise RateLimited if it was one too many."""
-        allowed = await self._strategy.hit(rule.item, rule.name, key)
+        try:
+            allowed = await self._strategy.hit(rule.item, rule.name, key)
+        except STORAGE_FAILURES as exc:
+            _warn_fallback(exc)
+            allowed = await self._fallback.hit(rule.item, rule.name, key)
         usage = await self.usage(rule, key)
         if not allowed:
             raise RateLimited(usage.reset_in_s or 1, rate_limit_headers([usage]))
         return usage
 
-    async def reset(self) -> None:
-        await self.storage.reset()
+
+def _warn_fallback(exc: BaseException) -> None:
+    log.warning(
+        "rate-limit storage unavailable; counting in this process", extra={"error": repr(exc)}
+    )
 
 
 def _async_scheme(url: str) -> str:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from chat_service.broker.base import Delivery
@@ -23,6 +24,8 @@ from chat_service.broker.base import Delivery
 log = logging.getLogger(__name__)
 
 OPERATION_TIMEOUT_S = 2.0
+# Publishes waiting for Redis; past this (Redis slow or down) the oldest are dropped.
+OUTBOX_LIMIT = 10_000
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 SEPARATOR = b"|"
@@ -39,7 +42,8 @@ class RedisBroker:
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._client: aioredis.Redis | None = None
         self._pubsub: Any = None
-        self._reader: asyncio.Task[None] | None = None
+        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(OUTBOX_LIMIT)
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def connect(self) -> None:
         self._client = aioredis.from_url(
@@ -47,13 +51,16 @@ class RedisBroker:
             socket_connect_timeout=OPERATION_TIMEOUT_S,
             health_check_interval=5,
         )
-        self._reader = asyncio.create_task(self._read_forever(), name="redis-broker-reader")
+        self._tasks = [
+            asyncio.create_task(self._read_forever(), name="redis-broker-reader"),
+            asyncio.create_task(self._send_forever(), name="redis-broker-sender"),
+        ]
 
     async def disconnect(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+                await task
         await self._close_pubsub()
         if self._client is not None:
             await self._client.aclose()
@@ -81,18 +88,32 @@ class RedisBroker:
                 await asyncio.wait_for(self._pubsub.unsubscribe(channel), OPERATION_TIMEOUT_S)
 
     async def publish(self, channel: str, payload: bytes) -> None:
+        """Deliver here at once; hand the rest to the sender, so a slow Redis delays no one."""
         if channel in self._channels:
             self._queue.put_nowait(Delivery(channel, payload))
-        if self._client is None:
-            return
-        try:
-            await asyncio.wait_for(
-                self._client.publish(channel, self._origin + SEPARATOR + payload),
-                OPERATION_TIMEOUT_S,
-            )
-        except FAILURES as exc:
-            # Local subscribers have it already; other processes miss it (clients resync).
-            log.warning("redis publish failed", extra={"channel": channel, "error": repr(exc)})
+        if self._outbox.full():
+            self._outbox.get_nowait()
+            log.warning("redis outbox full: dropping the oldest publish")
+        self._outbox.put_nowait((channel, self._origin + SEPARATOR + payload))
+
+    async def _send_forever(self) -> None:
+        while True:
+            channel, message = await self._outbox.get()
+            await self._send(channel, message)
+
+    async def _send(self, channel: str, message: bytes) -> None:
+        assert self._client is not None
+        for attempt in (1, 2):  # a pooled connection may have died with an old Redis
+            try:
+                await asyncio.wait_for(self._client.publish(channel, message), OPERATION_TIMEOUT_S)
+                return
+            except FAILURES as exc:
+                if attempt == 2 or not isinstance(exc, RedisConnectionError):
+                    # Local subscribers had it; other processes miss it (clients resync).
+                    log.warning(
+                        "redis publish failed", extra={"channel": channel, "error": repr(exc)}
+                    )
+                    return
 
     async def deliveries(self) -> AsyncIterator[Delivery]:
         while True:
@@ -104,8 +125,9 @@ class RedisBroker:
             try:
                 await self._listen()
             except FAILURES as exc:
-                if self.healthy:
+                if self.healthy:  # it was working: start over from the shortest wait
                     log.warning("redis connection lost; reconnecting", extra={"error": repr(exc)})
+                    backoff = BACKOFF_FIRST_S
                 self.healthy = False
                 await self._close_pubsub()
                 await asyncio.sleep(backoff)

@@ -118,7 +118,14 @@ class Hub:
 
     def finish_join(self, connection: Connection, room_id: str, last_seq: int) -> None:
         """After `joined` is queued: release the live events that came in meanwhile,
-        dropping those the history already held."""
+        dropping those the history already held. The first join also tells the room's
+        sequencer where the room stands, so it can order the events that follow."""
+        room = self._rooms.get(room_id)
+        if room is not None and room.next_seq is None:
+            room.next_seq = last_seq + 1
+            for seq in sorted(s for s in room.held if s <= last_seq):
+                self._deliver(room, room_id, room.held.pop(seq), seq)
+            self._release_consecutive(room, room_id)
         for change_seq, frame in connection.joining.pop(room_id, []):
             if change_seq is None or change_seq > last_seq:
                 connection.offer(frame)
@@ -208,15 +215,14 @@ class Hub:
         outbound = Outbound(
             encode({"type": event.type, "room_id": event.room_id, "message": message})
         )
-        if room.next_seq is None or seq < room.next_seq:
-            # First event seen here, or a late one released after its wait: deliver as is.
+        if room.next_seq is not None and seq < room.next_seq:
+            # A late one, released without it after its wait: deliver as is.
             self._deliver(room, event.room_id, outbound, seq)
-            room.next_seq = max(room.next_seq or 0, seq + 1)
         elif seq == room.next_seq:
             self._deliver(room, event.room_id, outbound, seq)
             room.next_seq = seq + 1
             self._release_consecutive(room, event.room_id)
-        else:
+        else:  # ahead of a missing seq, or before the first join told where the room stands
             room.held[seq] = outbound
             if room.release_timer is None:
                 room.release_timer = asyncio.get_running_loop().call_later(
