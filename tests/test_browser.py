@@ -313,8 +313,8 @@ async def two_people_chat(live: LiveServer, browser: Browser) -> None:
 
 
 async def test_the_page_refreshes_its_tokens(live_server_factory: LiveServerFactory) -> None:
-    # Access tokens that live 62 s: `auth.expiring` (60 s ahead) comes 2 s after connecting.
-    live = await live_server_factory(access_token_ttl_s=62)
+    # Access tokens that live 63 s: `auth.expiring` (60 s ahead) comes 3 s after connecting.
+    live = await live_server_factory(access_token_ttl_s=63)
     async with chromium() as browser:
         await refreshes_tokens(live, browser)
 
@@ -332,10 +332,10 @@ async def refreshes_tokens(live: LiveServer, browser: Browser) -> None:
     (connection,) = hub.all_connections()
     expires_at = connection.expires_at
     await wait_for(lambda: connection.expires_at > expires_at, "auth.refresh on the socket")
-    assert await stored_token() != first
-    await carol.live()
 
     # A rejected access token (401 on REST, 4401 on the socket) is refreshed, not logged out.
+    # Reload at once, 3 s before the next refresh: a reload that cut a refresh short would lose
+    # the new refresh token after spending the old one (the session would end: by design).
     await carol.page.evaluate(
         """() => {
             const session = JSON.parse(sessionStorage.getItem('chat.session'));
@@ -349,5 +349,5 @@ async def refreshes_tokens(live: LiveServer, browser: Browser) -> None:
     await carol.by("new-room-name").fill("after refresh")
     await carol.by("create-room").click()
     await expect(carol.by("room-title")).to_have_text("# after refresh")
-    assert await stored_token() != "not-a-token"
+    assert await stored_token() not in {"not-a-token", first}
     assert carol.errors == []

@@ -332,7 +332,7 @@ function onFrame(f) {
       break;
     case "error":
       if (f.code === "rate_limited" || f.code === "unavailable") break;  // the socket retries
-      if (state.pending.delete(f.ref)) renderMessages();
+      if (state.pending.delete(f.ref) && state.active) renderMessages();
       notify(f.detail);
       break;
   }
