@@ -7,7 +7,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from sqlmodel import SQLModel
@@ -16,8 +15,9 @@ import chat_service.models  # noqa: F401  (registers the tables on SQLModel.meta
 from chat_service.settings import Settings
 from tests.helpers import TEST_JWT_SECRET, free_port
 
-TIMEOUT_S = 30
-QUICK_EXIT_S = 15
+# Generous: a loaded CI machine takes seconds just to import the app. A refusal that started
+# the server instead would never exit, and the timeout would fail the test.
+TIMEOUT_S = 120
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -30,9 +30,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run(
     args: list[str], cwd: Path, timeout: float = TIMEOUT_S, **env: str
-) -> tuple[subprocess.CompletedProcess[str], float]:
-    started = time.monotonic()
-    result = subprocess.run(
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "chat_service", *args],
         cwd=cwd,
         env=clean_env(**env),
@@ -41,7 +40,6 @@ def run(
         timeout=timeout,
         check=False,
     )
-    return result, time.monotonic() - started
 
 
 def lines(text: str) -> list[str]:
@@ -58,32 +56,29 @@ def assert_one_clear_line(result: subprocess.CompletedProcess[str], *words: str)
 
 def test_serve_refuses_production_without_secret(tmp_path: Path) -> None:
     port = str(free_port())
-    result, elapsed = run(["serve", "--port", port], tmp_path, ENVIRONMENT="production")
+    result = run(["serve", "--port", port], tmp_path, ENVIRONMENT="production")
     assert result.returncode != 0, result.stderr
-    assert elapsed < QUICK_EXIT_S
     assert_one_clear_line(result, "JWT_SECRET", "invalid configuration")
     assert not (tmp_path / "data").exists(), "nothing may be created for a refused configuration"
 
 
 def test_serve_refuses_short_secret(tmp_path: Path) -> None:
     port = str(free_port())
-    result, elapsed = run(["serve", "--port", port], tmp_path, JWT_SECRET="short-secret")
+    result = run(["serve", "--port", port], tmp_path, JWT_SECRET="short-secret")
     assert result.returncode != 0, result.stderr
-    assert elapsed < QUICK_EXIT_S
     assert_one_clear_line(result, "JWT_SECRET", "32 bytes")
     assert "short-secret" not in result.stdout + result.stderr
 
 
 def test_serve_with_workers_needs_shared_broker(tmp_path: Path) -> None:
     port = str(free_port())
-    result, elapsed = run(
+    result = run(
         ["serve", "--workers", "2", "--port", port],
         tmp_path,
         JWT_SECRET=TEST_JWT_SECRET,
         LOG_FORMAT="console",
     )
     assert result.returncode == 2, result.stdout + result.stderr
-    assert elapsed < QUICK_EXIT_S
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output
     assert "BROKER_URL" in result.stderr, result.stderr
@@ -93,7 +88,7 @@ def test_serve_with_workers_needs_shared_broker(tmp_path: Path) -> None:
 
 def test_migrate_creates_tables_on_fresh_sqlite(tmp_path: Path) -> None:
     database = tmp_path / "x.db"
-    result, _ = run(
+    result = run(
         ["migrate"], tmp_path, DATABASE_URL=f"sqlite:///{database}", JWT_SECRET=TEST_JWT_SECRET
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -110,7 +105,7 @@ def test_migrate_creates_tables_on_fresh_sqlite(tmp_path: Path) -> None:
     assert len(version) == 1, version
 
     # A second run at head succeeds and changes nothing.
-    again, _ = run(
+    again = run(
         ["migrate"], tmp_path, DATABASE_URL=f"sqlite:///{database}", JWT_SECRET=TEST_JWT_SECRET
     )
     assert again.returncode == 0, again.stdout + again.stderr
@@ -119,7 +114,7 @@ def test_migrate_creates_tables_on_fresh_sqlite(tmp_path: Path) -> None:
 
 
 def test_openapi_prints_the_document(tmp_path: Path) -> None:
-    result, _ = run(["openapi"], tmp_path)
+    result = run(["openapi"], tmp_path)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert {"openapi", "paths"} <= set(document)
@@ -132,14 +127,14 @@ def test_openapi_prints_the_document(tmp_path: Path) -> None:
 
 def test_openapi_output_file(tmp_path: Path) -> None:
     target = tmp_path / "openapi.json"
-    result, _ = run(["openapi", "--output", str(target)], tmp_path)
+    result = run(["openapi", "--output", str(target)], tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert "/api/v1/users/me" in json.loads(target.read_text())["paths"]
 
 
 def test_unknown_command_is_a_usage_error(tmp_path: Path) -> None:
-    result, _ = run(["frobnicate"], tmp_path)
+    result = run(["frobnicate"], tmp_path)
     assert result.returncode == 2
     assert "usage: chat-service" in result.stderr
     assert "Traceback" not in result.stderr
