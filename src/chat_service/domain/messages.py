@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from limits import RateLimitItemPerSecond
 from sqlalchemy.exc import IntegrityError
@@ -74,8 +75,7 @@ class MessageService:
         """
         if before_seq is not None and after_seq is not None:
             raise InvalidInput("Give before_seq or after_seq, not both", field="after_seq")
-        statement = select(Message, User).join(User, col(User.id) == Message.author_id)
-        statement = statement.where(col(Message.room_id) == room_id).limit(limit + 1)
+        statement = _with_authors(room_id).limit(limit + 1)
         if after_seq is not None:
             statement = statement.where(col(Message.change_seq) > after_seq).order_by(
                 col(Message.change_seq)
@@ -102,8 +102,7 @@ class MessageService:
             access.member()
             # Read first: a committed last_seq means every change up to it is committed too.
             last_seq = access.room.last_seq
-            statement = select(Message, User).join(User, col(User.id) == Message.author_id)
-            statement = statement.where(col(Message.room_id) == room_id)
+            statement = _with_authors(room_id)
             if since_seq is None:
                 statement = statement.where(col(Message.seq) <= last_seq)
                 statement = statement.order_by(col(Message.seq).desc()).limit(limit)
@@ -245,6 +244,15 @@ class MessageService:
         self._events.publish(
             Event(event_type, {"message": message.model_dump(mode="json")}, room_id=message.room_id)
         )
+
+
+def _with_authors(room_id: str) -> Any:
+    """A room's messages, each with its author row."""
+    return (
+        select(Message, User)
+        .join(User, col(User.id) == Message.author_id)
+        .where(col(Message.room_id) == room_id)
+    )
 
 
 async def _next_seq(db: AsyncSession, room_id: str) -> int:

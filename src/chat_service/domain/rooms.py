@@ -87,12 +87,7 @@ class RoomService:
         mine = and_(col(Membership.room_id) == Room.id, col(Membership.user_id) == user_id)
         unread = (
             select(func.count())
-            .where(
-                col(Message.room_id) == Room.id,
-                col(Message.seq) > Membership.last_read_seq,
-                col(Message.author_id) != user_id,
-                col(Message.deleted).is_(False),
-            )
+            .where(*_unread(Room.id, Membership.last_read_seq, user_id))
             .correlate(Room, Membership)
             .scalar_subquery()
         )
@@ -280,13 +275,19 @@ async def _count_members(db: AsyncSession, room_id: str) -> int:
 
 async def _count_unread(db: AsyncSession, access: RoomAccess) -> int:
     membership = access.member()
-    statement = select(func.count()).where(
-        col(Message.room_id) == access.room.id,
-        col(Message.seq) > membership.last_read_seq,
-        col(Message.author_id) != membership.user_id,
+    conditions = _unread(access.room.id, membership.last_read_seq, membership.user_id)
+    return int((await db.exec(select(func.count()).where(*conditions))).one())
+
+
+def _unread(room_id: Any, last_read_seq: Any, user_id: str) -> tuple[Any, ...]:
+    """What counts as unread, for one room (values) or every listed room (columns):
+    live messages from others after my read cursor."""
+    return (
+        col(Message.room_id) == room_id,
+        col(Message.seq) > last_read_seq,
+        col(Message.author_id) != user_id,
         col(Message.deleted).is_(False),
     )
-    return int((await db.exec(statement)).one())
 
 
 def _room_public(room: Room, member_count: int) -> RoomPublic:
