@@ -48,6 +48,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked backend_independent run once per CI, in the PostgreSQL suite: under
+    --db sqlite they would repeat the same work for nothing (they are deselected, not skipped)."""
+    if config.getoption("--db") != "sqlite":
+        return
+    independent = [item for item in items if item.get_closest_marker("backend_independent")]
+    if independent:
+        config.hook.pytest_deselected(items=independent)
+        items[:] = [item for item in items if not item.get_closest_marker("backend_independent")]
+
+
 @pytest.fixture(scope="session")
 def backend(pytestconfig: pytest.Config) -> str:
     return str(pytestconfig.getoption("--db"))

@@ -138,3 +138,21 @@ def test_unknown_command_is_a_usage_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "usage: chat-service" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_migrate_against_an_unreachable_database_says_so_in_one_line(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    url = f"postgresql://chat:hunter2-db-password@127.0.0.1:{port}/chat"
+    result = run(
+        ["migrate"], tmp_path, DATABASE_URL=url, JWT_SECRET=TEST_JWT_SECRET, LOG_LEVEL="WARNING"
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert_one_clear_line(result, "cannot migrate the database", f"127.0.0.1:{port}")
+    assert "hunter2-db-password" not in result.stdout + result.stderr
+
+
+def test_migrate_creates_the_directory_of_a_sqlite_file(tmp_path: Path) -> None:
+    """The default database lives in DATA_DIR, which a first run has not made yet."""
+    result = run(["migrate"], tmp_path, JWT_SECRET=TEST_JWT_SECRET, LOG_LEVEL="WARNING")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "data" / "chat.db").is_file()

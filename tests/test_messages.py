@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from fastapi import FastAPI
 
 from chat_service.domain.events import Event
@@ -489,3 +490,98 @@ async def test_rest_sends_share_the_message_rate_limit(app_factory: AppFactory) 
         assert_error(refused, 429, "rate_limited")
         assert 1 <= int(refused.headers["Retry-After"]) <= 2
         assert (await history(client, room, alice))["items"][-1]["body"] == "m2"
+
+
+async def test_concurrent_sends_are_group_committed_each_with_its_own_answer(
+    app_factory: AppFactory,
+) -> None:
+    """Sends that arrive together share transactions (domain/group_commit.py), yet each gets
+    the answer it would get alone, and every room's seqs stay 1..n in announcement order."""
+    app = await app_factory(message_rate_per_s=100, message_burst=30)
+    service = app.state.messages
+    seen: list[Event] = []
+    app.state.events.subscribe(seen.append)
+    commits: list[int] = []
+    sa.event.listen(app.state.engine.sync_engine, "commit", lambda _conn: commits.append(1))
+    async with client_for(app) as client:
+        bodies = [await signup(client, f"gc{n}") for n in range(4)]
+        u = [body["user"]["id"] for body in bodies]
+        h = [bearer(body["access_token"]) for body in bodies]
+        lobby = await make_room(client, h[0], name="lobby")
+        side = await make_room(client, h[0], name="side")
+        private = await make_room(client, h[0], name="private", visibility="private")
+        for n in (1, 2):
+            assert (await client.post(f"{API}/rooms/{lobby}/join", headers=h[n])).is_success
+        assert (await client.post(f"{API}/rooms/{side}/join", headers=h[1])).is_success
+        earlier = await send(client, lobby, h[1], "sent before", client_id="before")
+        assert earlier.status_code == 201
+    commits.clear()
+
+    sends = [(u[0], lobby, f"owner {n}", f"o{n}") for n in range(32)]  # 2 over the burst
+    sends += [(u[n], lobby, f"member {n}.{k}", f"m{n}.{k}") for n in (1, 2) for k in range(10)]
+    sends += [(u[1], side, f"side {k}", None) for k in range(8)]
+    sends += [
+        (u[2], lobby, "twice in one batch", "twice"),
+        (u[2], lobby, "twice in one batch", "twice"),
+        (u[1], lobby, "a resend", "before"),
+        (u[1], side, "reused elsewhere", "before"),
+        (u[3], side, "not a member", None),
+        (u[3], private, "not visible", None),
+    ]
+    outcomes = await asyncio.gather(
+        *(service.send(user, room, body, cid) for user, room, body, cid in sends),
+        return_exceptions=True,
+    )
+    answers = dict(zip([s[3] or s[2] for s in sends[-6:]], outcomes[-6:], strict=True))
+
+    refused = [o for o in outcomes[:32] if isinstance(o, Exception)]
+    assert [getattr(o, "code", o) for o in refused] == ["rate_limited"] * 2, refused
+    first, second = outcomes[-6], outcomes[-5]
+    assert (first.created, second.created) == (True, False), (first, second)
+    assert first.message == second.message
+    assert (outcomes[-4].created, outcomes[-4].message.body) == (False, "sent before")
+    assert getattr(outcomes[-3], "code", None) == "client_id_reused", answers
+    assert getattr(outcomes[-2], "code", None) == "not_member", answers
+    assert getattr(outcomes[-1], "code", None) == "room_not_found", answers
+
+    created = [o for o in outcomes if not isinstance(o, Exception) and o.created]
+    assert len(created) == 30 + 20 + 8 + 1
+    assert len(commits) <= len(sends) // 4, f"{len(commits)} commits for {len(sends)} sends"
+    async with client_for(app) as client:
+        for room, expected in ((lobby, 1 + 30 + 20 + 1), (side, 8)):
+            items = (await history(client, room, h[1], after_seq=0, limit=200))["items"]
+            assert [m["seq"] for m in items] == list(range(1, expected + 1)), room
+    for room in (lobby, side):  # announced once each, in seq order
+        announced = [e.data["message"]["seq"] for e in seen if e.room_id == room]
+        assert announced == list(range(1, len(announced) + 1)), announced
+    assert len([e for e in seen if e.type == "message.new"]) == 1 + len(created)
+
+
+async def test_the_same_client_id_from_two_processes_is_stored_once(
+    app_factory: AppFactory,
+) -> None:
+    """Two services on one database (as two workers): their batches race on the unique
+    (author, client_id); the loser answers with the winner's message, and the rest of its
+    batch is stored all the same."""
+    apps = [await app_factory(), await app_factory()]
+    async with client_for(apps[0]) as client:
+        body = await signup(client, "racer")
+        user, headers = body["user"]["id"], bearer(body["access_token"])
+        room = await make_room(client, headers)
+    for attempt in range(5):
+        cid = f"race-{attempt}"
+        outcomes = await asyncio.gather(
+            *(
+                app.state.messages.send(user, room, f"{cid} via {n}", client_id)
+                for n, app in enumerate(apps)
+                for client_id in (cid, f"{cid}-own-{n}")
+            )
+        )
+        raced = [o for o in outcomes if o.message.client_id == cid]
+        assert sorted(o.created for o in raced) == [False, True], raced
+        assert raced[0].message == raced[1].message
+        assert all(o.created for o in outcomes if o.message.client_id != cid)
+    async with client_for(apps[1]) as client:
+        items = (await history(client, room, headers, after_seq=0, limit=200))["items"]
+    assert [m["seq"] for m in items] == list(range(1, 16))
+    assert len({m["client_id"] for m in items}) == 15

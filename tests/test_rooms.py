@@ -454,6 +454,9 @@ async def test_list_rejects_a_garbage_cursor(
     await create_room(client, alice.headers, name="Lobby")
     response = await client.get(f"{API}/rooms", params={"cursor": cursor}, headers=alice.headers)
     assert_error(response, 422, "invalid_cursor")
+    assert response.json()["errors"] == [
+        {"loc": ["query", "cursor"], "msg": response.json()["detail"], "type": "invalid_cursor"}
+    ]
 
 
 # --- unread counts --------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from chat_service.domain.events import Event, EventBus
+from chat_service.domain.events import Event
 from chat_service.realtime.connection import CLOSE_TIMEOUT_S, Connection, Outbound
 from chat_service.realtime.hub import REORDER_WAIT_S, Hub
 from chat_service.schemas import UserSummary
@@ -961,10 +961,9 @@ def message_event(room_id: str, seq: int) -> Event:
 
 
 async def test_hub_delivers_each_room_in_seq_order() -> None:
-    presence: list[Event] = []
-    bus = EventBus()
-    bus.subscribe(presence.append)
-    hub = Hub(bus)
+    presence: list[tuple[str, str]] = []
+    hub = Hub()
+    hub.on_presence = lambda room_id, _user, status: presence.append((room_id, status))
     reader = FakeConnection("reader")
     hub.register(reader)  # type: ignore[arg-type]
     for room in ("ordered", "gappy"):  # as the gateway joins: subscribe, history, finish
@@ -998,8 +997,7 @@ async def test_hub_delivers_each_room_in_seq_order() -> None:
 
     hub.unregister(reader)  # type: ignore[arg-type]
     assert all(value == 0 for value in hub.stats().values()), hub.stats()
-    # Presence goes out as events (through the broker, to every process), once per room.
-    changes = [(e.type, e.room_id, e.data["status"]) for e in presence]
+    # Presence changes are reported once per room: the user's first and last subscription.
     rooms = ["ordered", "gappy", "fresh"]
-    assert changes[:3] == [("presence", room, "online") for room in rooms]
-    assert sorted(changes[3:]) == sorted(("presence", room, "offline") for room in rooms)
+    assert presence[:3] == [(room, "online") for room in rooms]
+    assert sorted(presence[3:]) == sorted((room, "offline") for room in rooms)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,7 +15,11 @@ from starlette.types import Scope
 
 from chat_service import __version__
 from chat_service.api import auth, health, messages, rooms, ws
-from chat_service.broker import broker_from_url
+from chat_service.api.input_guard import InputGuard
+from chat_service.api.metrics import router as metrics_router
+from chat_service.api.request_ids import HEADER as REQUEST_ID_HEADER
+from chat_service.api.request_ids import RequestIdMiddleware
+from chat_service.broker import REDIS_SCHEMES, broker_from_url
 from chat_service.db import create_engine, create_session_factory
 from chat_service.domain.accounts import AccountService
 from chat_service.domain.events import EventBus
@@ -23,10 +28,12 @@ from chat_service.domain.rooms import RoomService
 from chat_service.errors import error_responses, install_error_handlers
 from chat_service.lifecycle import Lifecycle
 from chat_service.logging_config import configure_logging
+from chat_service.metrics import HttpMetricsMiddleware, Metrics
 from chat_service.ratelimit import RateLimiter
 from chat_service.realtime.fanout import Fanout
 from chat_service.realtime.gateway import Gateway
 from chat_service.realtime.hub import Hub
+from chat_service.realtime.presence import ClusterPresence, LocalPresence
 from chat_service.security.passwords import PasswordHasher
 from chat_service.security.tokens import AccessTokenCodec
 from chat_service.settings import Settings, load_settings
@@ -69,6 +76,7 @@ class WebClient(Mount):
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
     engine = create_engine(settings)
     hasher = PasswordHasher(
         memory_kib=settings.argon2_memory_kib,
@@ -83,20 +91,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         audience=settings.jwt_audience,
         ttl_s=settings.access_token_ttl_s,
     )
-    limiter = RateLimiter(settings.resolved_rate_limit_storage_url)
+    limiter = RateLimiter(settings.resolved_rate_limit_storage_url, metrics)
     sessions = create_session_factory(engine)
     events = EventBus()
-    hub = Hub(events)
+    hub = Hub()
+    hub.metrics = metrics
     fanout = Fanout(broker_from_url(settings.broker_url), hub)
     hub.on_room_idle = fanout.room_idle
     events.subscribe(fanout.publish)
+    events.subscribe(metrics.on_event)
+    presence = (
+        ClusterPresence(hub, events, settings.broker_url, settings.presence_ttl_s)
+        if settings.broker_url.startswith(REDIS_SCHEMES)
+        else LocalPresence(hub, events)
+    )
     accounts = AccountService(sessions, hasher, codec, limiter, events, settings)
-    rooms = RoomService(sessions, events, is_online=hub.is_online)
+    rooms = RoomService(sessions, events, online_ids=presence.online_ids)
     messages = MessageService(sessions, events, limiter, settings)
     gateway = Gateway(
         settings=settings,
         hub=hub,
         fanout=fanout,
+        presence=presence,
+        limiter=limiter,
+        metrics=metrics,
         events=events,
         accounts=accounts,
         rooms=rooms,
@@ -111,19 +129,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.limiter = limiter
     app.state.events = events
     app.state.hub = hub
+    app.state.presence = presence
     app.state.broker = fanout.broker
     app.state.accounts = accounts
     app.state.rooms = rooms
     app.state.messages = messages
     app.state.gateway = gateway
     app.state.lifecycle = lifecycle
+    metrics.runtime.bind(
+        loop=asyncio.get_running_loop(),
+        hub_stats=hub.stats,
+        broker_healthy=lambda: fanout.broker.healthy,
+        pool=engine.sync_engine.pool,
+    )
     await fanout.start()
+    await presence.start()
     lifecycle.install()
     try:
         yield
     finally:
         lifecycle.uninstall()
         await lifecycle.shutdown()
+        await presence.stop()  # its last `offline` events still go out through the fan-out
         await fanout.stop()
         hasher.close()
         await engine.dispose()
@@ -138,19 +165,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = metrics = Metrics()  # this app's own registry
     install_error_handlers(app)
+    app.add_middleware(InputGuard)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
         allow_methods=["GET", "POST", "PATCH", "DELETE"],
-        allow_headers=["Authorization", "Content-Type"],
-        expose_headers=["Retry-After", "RateLimit", "RateLimit-Policy"],
+        allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+        expose_headers=["Retry-After", "RateLimit", "RateLimit-Policy", REQUEST_ID_HEADER],
         max_age=600,
     )
+    # Outermost last: ids and metrics cover every answer, CORS preflights included.
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
-    # Any route that touches the database can answer 503 while it is unreachable.
+    if settings.metrics_enabled:
+        app.include_router(metrics_router)
+    # Any route that touches the database can answer 503 while it is unreachable, and any
+    # may be sent a body too large to read (api/input_guard.py).
     for router in (auth.router, rooms.router, messages.router):
-        app.include_router(router, prefix=API_PREFIX, responses=error_responses(503))
+        app.include_router(router, prefix=API_PREFIX, responses=error_responses(413, 503))
     app.include_router(ws.router)
     app.router.routes.append(WebClient())  # last: it must not shadow the API
     return app

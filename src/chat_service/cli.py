@@ -1,4 +1,4 @@
-"""`chat-service` command line: serve, migrate, openapi, asyncapi."""
+"""`chat-service` command line: serve, migrate, openapi, asyncapi, bench."""
 
 from __future__ import annotations
 
@@ -37,6 +37,16 @@ def main(argv: list[str] | None = None) -> None:
     asyncapi.add_argument("--output", type=Path, help="write to this file instead of stdout")
     asyncapi.set_defaults(handler=_asyncapi)
 
+    bench = commands.add_parser("bench", help="run the benchmark suite (docs/performance.md)")
+    bench.add_argument(
+        "scenario",
+        help="fanout, ingest, connections, history, login-storm, slow-consumer or workers; "
+        "`chat-service bench SCENARIO -h` lists its options",
+    )
+    # Everything after the scenario is the benchmark's own command line.
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=_bench)
+
     args = parser.parse_args(argv)
     sys.exit(args.handler(args))
 
@@ -61,7 +71,6 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings()
     import uvicorn
 
-    from chat_service.db import migrate
     from chat_service.server import uvicorn_options
 
     if args.workers > 1 and settings.broker_url.startswith("memory://"):
@@ -72,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     if settings.auto_migrate:
-        migrate(settings.resolved_database_url)
+        _upgrade(settings)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; this
     # handler turns that into a plain exit 0, so supervisors see a clean stop.
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -92,11 +101,24 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    _upgrade(_settings(), args.revision)
+    return 0
+
+
+def _upgrade(settings: Settings, revision: str = "head") -> None:
+    """Migrate, or exit with one line saying which database could not be reached."""
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import DBAPIError
+
     from chat_service.db import migrate
 
-    settings = _settings()
-    migrate(settings.resolved_database_url, args.revision)
-    return 0
+    url = settings.resolved_database_url
+    try:
+        migrate(url, revision)
+    except (OSError, DBAPIError) as exc:
+        where = make_url(url).render_as_string(hide_password=True)
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        sys.exit(f"chat-service: cannot migrate the database at {where}: {reason}")
 
 
 def _openapi(args: argparse.Namespace) -> int:
@@ -110,6 +132,13 @@ def _asyncapi(args: argparse.Namespace) -> int:
     from chat_service.realtime.asyncapi import render_asyncapi
 
     return _write(render_asyncapi(), args.output)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    # Imported here: the suite needs the optional `bench` extra (matplotlib).
+    from chat_service.bench import main as bench_main
+
+    return bench_main([args.scenario, *args.bench_args])
 
 
 def _write(document: str, output: Path | None) -> int:

@@ -37,10 +37,17 @@ def create_engine(settings: Settings) -> AsyncEngine:
     )
 
 
-def _sqlite_engine(url: str, settings: Settings) -> AsyncEngine:
+def _make_sqlite_directory(url: str) -> None:
+    """SQLite creates the file but not the directories above it (DATA_DIR on a first run)."""
+    if not url.startswith("sqlite"):
+        return
     database = sa.make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_engine(url: str, settings: Settings) -> AsyncEngine:
+    _make_sqlite_directory(url)
     engine = create_async_engine(
         url, connect_args={"timeout": settings.db_command_timeout_s}, pool_pre_ping=True
     )
@@ -91,4 +98,5 @@ def _migrations_dir() -> Path:
 def migrate(database_url: str, revision: str = "head") -> None:
     """Upgrade the database to `revision`. Blocking: call it outside the event loop."""
     log.info("applying database migrations", extra={"revision": revision})
+    _make_sqlite_directory(database_url)
     command.upgrade(alembic_config(database_url), revision)

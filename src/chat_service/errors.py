@@ -18,6 +18,8 @@ from pydantic import BaseModel
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from chat_service.logging_config import current_request_id
+
 log = logging.getLogger(__name__)
 
 
@@ -50,8 +52,10 @@ class InvalidInput(DomainError):
     code = "invalid"
     detail = "Invalid input"
 
-    def __init__(self, detail: str, *, field: str, code: str | None = None) -> None:
-        error = {"loc": ["body", field], "msg": detail, "type": code or self.code}
+    def __init__(
+        self, detail: str, *, field: str, code: str | None = None, location: str = "body"
+    ) -> None:
+        error = {"loc": [location, field], "msg": detail, "type": code or self.code}
         super().__init__(detail, code=code, errors=[error])
 
 
@@ -112,6 +116,32 @@ STORAGE_FAILURES: tuple[type[Exception], ...] = (
 )
 
 
+# SQLSTATE classes of a server that went away or is not serving: connection exceptions (08)
+# and operator intervention (57P: shutting down, crashed, starting up).
+_UNAVAILABLE_SQLSTATES = ("08", "57P")
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """Is `exc` the database being unreachable (answer 503 / 1013), not a bug (500 / 1011)?
+
+    Besides refused connections and timeouts, a Postgres that is restarting answers with
+    errors that SQLAlchemy passes on as plain DBAPIErrors.
+    """
+    if isinstance(exc, STORAGE_FAILURES):
+        return True
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    driver_error = exc.orig.__cause__ if exc.orig is not None else None
+    for error in (exc.orig, driver_error):
+        sqlstate = getattr(error, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+    # asyncpg's "cannot switch to state ...": a connection left mid-operation by a dying server.
+    return type(driver_error).__name__ == "InternalClientError"
+
+
 class ErrorBody(BaseModel):
     """The body of every error response."""
 
@@ -153,13 +183,20 @@ def error_response(
     )
 
 
-async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
+    if isinstance(exc, Unauthorized) or exc.code == "account_disabled":
+        request.app.state.metrics.auth_failed(exc.code, "http")
     return error_response(exc.status, exc.code, exc.detail, exc.headers, **exc.extra)
 
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == HTTPStatus.BAD_REQUEST:
+        # FastAPI's only 400: a body it could not parse (not UTF-8, a broken form). To a
+        # client that is the same mistake as malformed JSON, which answers 422.
+        error = {"loc": ["body"], "msg": str(exc.detail), "type": "body_unreadable"}
+        return error_response(422, "invalid", "The request body could not be read", errors=[error])
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     code = _HTTP_CODES.get(exc.status_code, HTTPStatus(exc.status_code).phrase.lower())
     return error_response(exc.status_code, code.replace(" ", "_"), detail, exc.headers)
@@ -183,13 +220,21 @@ async def _storage_failure(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, Unavailable.code, Unavailable.detail, headers={"Retry-After": "1"})
 
 
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_storage_failure(exc):
+        return await _storage_failure(request, exc)
+    return await _unexpected_error(request, exc)
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.error(
         "unhandled error",
         exc_info=exc,
         extra={"path": request.url.path, "method": request.method},
     )
-    return error_response(500, "internal", "Internal server error")
+    request_id = current_request_id()  # answered outside the request-id middleware
+    headers = {"X-Request-ID": request_id} if request_id else None
+    return error_response(500, "internal", "Internal server error", headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -198,6 +243,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     for failure in STORAGE_FAILURES:
         app.add_exception_handler(failure, _storage_failure)
+    app.add_exception_handler(sa_exc.DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected_error)
 
 
@@ -222,6 +268,6 @@ def socket_error(exc: Exception) -> tuple[str, str, int | None]:
         return ("too_large" if exc.code == "too_large" else "invalid_frame"), exc.detail, None
     if isinstance(exc, DomainError):
         return "invalid_frame", exc.detail, None
-    if isinstance(exc, STORAGE_FAILURES):
+    if is_storage_failure(exc):
         return "unavailable", "Storage is unavailable: nothing was stored; retry later", 1
     return "internal", "Internal server error", None

@@ -1,4 +1,9 @@
-"""Structured logs (JSON or console) with secrets redacted, uvicorn's own lines included."""
+"""Structured logs (JSON or console) with secrets redacted, uvicorn's own lines included.
+
+Every line logged while serving an HTTP request carries that request's `request_id`, and every
+line logged for an accepted WebSocket its `connection_id` (the one `hello` tells the client):
+both come from context variables, so they reach lines logged by uvicorn and libraries too.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import logging
 import re
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -24,6 +30,25 @@ _STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {
     "taskName",
     "color_message",
 }
+
+
+# Set per request (api/request_ids.py) and per WebSocket connection (the gateway). Each request
+# and connection runs in its own task, so a value never leaks into another one's lines.
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+request_started_var: ContextVar[float | None] = ContextVar("request_started", default=None)
+connection_id_var: ContextVar[str | None] = ContextVar("connection_id", default=None)
+
+# uvicorn's access line: client address, method, path with query string, HTTP version, status.
+_ACCESS_ARGS = 5
+
+
+def bind_connection(connection_id: str) -> None:
+    """From here on, this task (and the tasks it starts) logs with `connection_id`."""
+    connection_id_var.set(connection_id)
+
+
+def current_request_id() -> str | None:
+    return request_id_var.get()
 
 
 def redact(text: str) -> str:
@@ -53,6 +78,44 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class ContextFields(logging.Filter):
+    """Adds the request and connection ids of the task that logs, and gives uvicorn's access
+    lines structured fields. Runs before RedactSecrets, which then cleans the path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = request_id_var.get()
+        if request_id is not None and not hasattr(record, "request_id"):
+            record.request_id = request_id
+        connection_id = connection_id_var.get()
+        if connection_id is not None and not hasattr(record, "connection_id"):
+            record.connection_id = connection_id
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
+            _access_fields(record, record.args)
+        return True
+
+
+def _access_fields(record: logging.LogRecord, args: tuple[Any, ...]) -> None:
+    if len(args) != _ACCESS_ARGS:
+        return
+    record.client, record.method, record.path, _version, record.status = args
+    started = request_started_var.get()
+    if started is not None:
+        # Logged as the response starts: the time to the headers, not to the last byte.
+        record.duration_ms = round((time.perf_counter() - started) * 1000, 2)
+
+
+class DropFrameDumps(logging.Filter):
+    """At DEBUG the websockets library logs every frame it reads and writes (`< TEXT '...'`)
+    on uvicorn's logger: message bodies and tokens. Those lines never reach a handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno == logging.DEBUG
+            and record.msg in ("< %s", "> %s")
+            and "websockets" in record.pathname
+        )
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -80,6 +143,8 @@ class ConsoleFormatter(logging.Formatter):
 
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(DropFrameDumps())
+    handler.addFilter(ContextFields())  # before the redaction, which cleans what it adds
     handler.addFilter(RedactSecrets())
     if settings.log_format == "json":
         formatter: logging.Formatter = JsonFormatter()
@@ -96,5 +161,7 @@ def configure_logging(settings: Settings) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-    # SQLAlchemy and Alembic at INFO would log SQL parameters (message bodies, hashes).
+    # SQLAlchemy and Alembic at INFO would log SQL parameters (message bodies, hashes), and
+    # aiosqlite at DEBUG every statement it runs with its parameters.
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)

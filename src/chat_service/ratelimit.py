@@ -20,6 +20,7 @@ from limits.storage import storage_from_string
 from redis.exceptions import RedisError
 
 from chat_service.errors import RateLimited
+from chat_service.metrics import Metrics, detached
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class RateLimiter:
     """Counters in the configured storage; while a shared one is unreachable, each process
     counts on its own (limits stay in force, per process) rather than failing requests."""
 
-    def __init__(self, storage_url: str) -> None:
+    def __init__(self, storage_url: str, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics or detached()
         options = {"implementation": "redispy"} if "redis" in storage_url.split(":", 1)[0] else {}
         storage = storage_from_string(_async_scheme(storage_url), **options)
         assert isinstance(storage, Storage)
@@ -88,8 +90,20 @@ class RateLimiter:
         """Raise RateLimited when `key` has used up `rule`, without counting this call."""
         usage = await self.usage(rule, key)
         if usage.remaining <= 0:
+            self._metrics.rate_limited.labels(rule.name).inc()
             raise RateLimited(usage.reset_in_s or 1, rate_limit_headers([usage]))
         return usage
+
+    async def allow(self, rule: Rule, key: str) -> bool:
+        """Count one event if `rule` still allows it for `key` (one round trip, no headers)."""
+        try:
+            allowed = await self._strategy.hit(rule.item, rule.name, key)
+        except STORAGE_FAILURES as exc:
+            _warn_fallback(exc)
+            allowed = await self._fallback.hit(rule.item, rule.name, key)
+        if not allowed:
+            self._metrics.rate_limited.labels(rule.name).inc()
+        return allowed
 
     async def hit(self, rule: Rule, key: str) -> Usage:
         """Count one event against `rule` for `key`; raise RateLimited if it was one too many."""
@@ -100,6 +114,7 @@ class RateLimiter:
             allowed = await self._fallback.hit(rule.item, rule.name, key)
         usage = await self.usage(rule, key)
         if not allowed:
+            self._metrics.rate_limited.labels(rule.name).inc()
             raise RateLimited(usage.reset_in_s or 1, rate_limit_headers([usage]))
         return usage
 

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     message_burst: int = Field(20, ge=1)
     typing_rate_per_s: int = Field(1, ge=1)
     max_connections_per_user: int = Field(10, ge=1)
+    presence_ttl_s: float = Field(30.0, ge=1)
     max_rooms_per_connection: int = Field(200, ge=1)
     outbound_queue_frames: int = Field(1000, ge=10)
     outbound_queue_bytes: int = Field(1024 * 1024, ge=64 * 1024)
@@ -89,6 +90,7 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "console"
+    metrics_enabled: bool = True
 
     _split_lists = field_validator("cors_origins", "ws_allowed_origins", mode="before")(_split_csv)
 

@@ -53,7 +53,7 @@ async def history(
             "model": MessagePublic,
             "description": "This client_id was sent before: the original",
         },
-        **error_responses(401, 403, 404, 409, 422),
+        **error_responses(401, 403, 404, 409, 422, 429),
     },
 )
 async def send_message(

@@ -9,13 +9,15 @@ from chat_service.broker.base import Broker, Delivery
 from chat_service.broker.memory import MemoryBroker
 from chat_service.broker.redis import RedisBroker
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
 
 def broker_from_url(url: str) -> Broker:
     if url.startswith("memory://"):
         return MemoryBroker()
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(REDIS_SCHEMES):
         return RedisBroker(url)
     raise ValueError(f"unsupported BROKER_URL scheme: {url.split(':', 1)[0]!r}")
 
 
-__all__ = ["Broker", "Delivery", "MemoryBroker", "RedisBroker", "broker_from_url"]
+__all__ = ["REDIS_SCHEMES", "Broker", "Delivery", "MemoryBroker", "RedisBroker", "broker_from_url"]

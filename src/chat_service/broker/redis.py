@@ -28,6 +28,11 @@ OPERATION_TIMEOUT_S = 2.0
 OUTBOX_LIMIT = 10_000
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
+# The subscriber pings Redis this often and gives up on a connection that has said nothing
+# for PING_EVERY_S + SILENCE_LIMIT_S: a frozen Redis (SIGSTOP, a dead host, a black-holed
+# route) keeps the TCP connection open and would otherwise never be noticed.
+PING_EVERY_S = 2.0
+SILENCE_LIMIT_S = 3.0
 SEPARATOR = b"|"
 FAILURES = (RedisError, OSError, TimeoutError)
 
@@ -49,6 +54,8 @@ class RedisBroker:
         self._client = aioredis.from_url(
             self._url,
             socket_connect_timeout=OPERATION_TIMEOUT_S,
+            # Longer than the subscriber's read tick, so only a stuck call times out.
+            socket_timeout=OPERATION_TIMEOUT_S * 2,
             health_check_interval=5,
         )
         self._tasks = [
@@ -132,33 +139,45 @@ class RedisBroker:
                 await self._close_pubsub()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
-            else:  # unsubscribed from everything: start over
-                await self._close_pubsub()
-                backoff = BACKOFF_FIRST_S
 
     async def _listen(self) -> None:
+        """Subscribe and read until the connection fails (it never ends otherwise)."""
         assert self._client is not None
         self._pubsub = self._client.pubsub()
         if not self._channels:
             raise RedisError("nothing to subscribe to yet")
-        await self._pubsub.subscribe(*self._channels)
-        if not self.healthy:
-            log.info("redis broker connected", extra={"channels": len(self._channels)})
-        self.healthy = True
-        async for message in self._pubsub.listen():
-            kind = message["type"]
+        await asyncio.wait_for(self._pubsub.subscribe(*self._channels), OPERATION_TIMEOUT_S)
+        loop = asyncio.get_running_loop()
+        last_heard = next_ping = loop.time()
+        while True:
+            message = await self._pubsub.get_message(timeout=PING_EVERY_S / 2)
+            now = loop.time()
+            if message is not None:
+                last_heard = now
+                if not self.healthy:  # Redis answered: deliveries flow again
+                    log.info("redis broker connected", extra={"channels": len(self._channels)})
+                    self.healthy = True
+                self._handle(message)
+            elif now - last_heard > PING_EVERY_S + SILENCE_LIMIT_S:
+                raise TimeoutError("redis stopped answering the subscriber's pings")
+            if now >= next_ping:
+                await asyncio.wait_for(self._pubsub.ping(), OPERATION_TIMEOUT_S)
+                next_ping = now + PING_EVERY_S
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "subscribe":
+            future = self._confirmations.get(message["channel"].decode())
+            if future is not None and not future.done():
+                future.set_result(None)
+        elif kind == "message":
             channel = message["channel"].decode()
-            if kind == "subscribe":
-                future = self._confirmations.get(channel)
-                if future is not None and not future.done():
-                    future.set_result(None)
-            elif kind == "message":
-                origin, _, payload = message["data"].partition(SEPARATOR)
-                if origin != self._origin and channel in self._channels:
-                    self._queue.put_nowait(Delivery(channel, payload))
+            origin, _, payload = message["data"].partition(SEPARATOR)
+            if origin != self._origin and channel in self._channels:
+                self._queue.put_nowait(Delivery(channel, payload))
 
     async def _close_pubsub(self) -> None:
         if self._pubsub is not None:
             with contextlib.suppress(*FAILURES):
-                await self._pubsub.aclose()
+                await asyncio.wait_for(self._pubsub.aclose(), OPERATION_TIMEOUT_S)
             self._pubsub = None

@@ -3,28 +3,40 @@
 Every change in a room takes the next seq from `rooms.last_seq` in the transaction that writes
 it. The UPDATE that takes it locks the room's row until commit, so changes in one room commit
 one after another in seq order, and "everything after seq N" never skips a change.
+
+Sends are group-committed (domain/group_commit.py): the sends that arrive while a transaction
+is in flight are checked, numbered and stored together in the next one, rooms locked in id
+order. Each still gets its own answer, and an ack still means its transaction committed.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from limits import RateLimitItemPerSecond
+from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from chat_service.clock import utcnow
 from chat_service.db import SessionFactory
-from chat_service.domain.access import OWNER, room_access, user_summary
+from chat_service.domain.access import OWNER, PUBLIC, RoomNotFound, room_access, user_summary
 from chat_service.domain.events import Event, EventSink, EventType
-from chat_service.errors import Conflict, Forbidden, InvalidInput, NotFound
+from chat_service.domain.group_commit import GroupCommit
+from chat_service.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound
+from chat_service.ids import new_id
 from chat_service.models import Membership, Message, Room, User
 from chat_service.ratelimit import RateLimiter, Rule
 from chat_service.schemas import MessagePage, MessagePublic
 from chat_service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,31 @@ class Sent:
     created: bool  # False: this client_id was sent before and `message` is the original
 
 
+@dataclass(frozen=True)
+class Draft:
+    """A send waiting for its transaction."""
+
+    user_id: str
+    room_id: str
+    body: str
+    client_id: str | None
+    on_stored: Callable[[Sent], None] | None = None
+
+
+@dataclass(frozen=True)
+class _Same:
+    """This draft repeats the client_id of an earlier one in its batch: same answer."""
+
+    index: int
+
+
+# A draft's answer while its batch is being worked out.
+_Pending = Sent | BaseException | _Same | None
+
+# Sends stored by one transaction at most; more wait for the next one.
+MAX_BATCH = 256
+
+
 class MessageService:
     def __init__(
         self,
@@ -58,6 +95,7 @@ class MessageService:
         # MESSAGE_BURST sends per ceil(burst / rate) seconds, per user, wherever they come from.
         period = max(1, math.ceil(settings.message_burst / settings.message_rate_per_s))
         self._rate = Rule("messages", RateLimitItemPerSecond(settings.message_burst, period))
+        self._batches = GroupCommit[Draft, Sent](self._store, MAX_BATCH)
 
     async def history(
         self,
@@ -118,9 +156,150 @@ class MessageService:
         return Snapshot([_public(m, u) for m, u in rows[:cap]], last_seq, truncated)
 
     async def send(
-        self, user_id: str, room_id: str, body: str, client_id: str | None = None
+        self,
+        user_id: str,
+        room_id: str,
+        body: str,
+        client_id: str | None = None,
+        on_stored: Callable[[Sent], None] | None = None,
     ) -> Sent:
+        """Store a message (or find the one sent before with this client_id).
+
+        `on_stored` is called once it is committed and before it is announced, so a sender's
+        `ack` goes out ahead of its `message.new`, even if the sender stops waiting.
+        """
         self._check_body(body)
+        return await self._batches.submit(Draft(user_id, room_id, body, client_id, on_stored))
+
+    async def _store(self, drafts: list[Draft]) -> list[Sent | BaseException]:
+        """One transaction for a batch of sends; each gets its message or its error."""
+        outcomes: list[_Pending] = [None] * len(drafts)
+        try:
+            async with self._sessions() as db:
+                fresh = await self._fresh_drafts(db, drafts, outcomes)
+                stored = await self._insert(db, [drafts[i] for i in fresh])
+                await db.commit()
+        except IntegrityError:
+            # A client_id committed concurrently by another transaction (another worker):
+            # one at a time, the way that sorts it out. (Fresh drafts pay their rate budget
+            # twice here; this is rare.)
+            log.info("a batch met a concurrent client_id; storing its sends one by one")
+            results = [await self._send_alone(draft) for draft in drafts]
+        else:
+            for index, sent in zip(fresh, stored, strict=True):
+                outcomes[index] = sent
+            results = [_resolve(outcomes, index) for index in range(len(drafts))]
+        for draft, result in zip(drafts, results, strict=True):
+            if isinstance(result, Sent):
+                if draft.on_stored is not None:
+                    draft.on_stored(result)
+                if result.created:
+                    self._announce("message.new", result.message)
+        return results
+
+    async def _fresh_drafts(
+        self, db: AsyncSession, drafts: list[Draft], outcomes: list[_Pending]
+    ) -> list[int]:
+        """Settle the drafts that store nothing (no access, a resend, over the rate limit)
+        in `outcomes`; return the indexes of those to store."""
+        denied = await _denied(db, drafts)
+        originals = await self._originals(db, drafts)
+        first_of: dict[tuple[str, str], int] = {}
+        fresh: list[int] = []
+        for index, draft in enumerate(drafts):
+            key = (draft.user_id, draft.client_id) if draft.client_id is not None else None
+            if index in denied:
+                outcomes[index] = denied[index]
+            elif key is not None and key in originals:
+                outcomes[index] = _resend(originals[key], draft.room_id)
+            elif key is not None and key in first_of:
+                outcomes[index] = _Same(first_of[key])  # sent twice in one batch
+            else:
+                try:
+                    await self._limiter.hit(self._rate, draft.user_id)
+                except DomainError as exc:
+                    outcomes[index] = exc
+                    continue
+                if key is not None:
+                    first_of[key] = index
+                fresh.append(index)
+        return fresh
+
+    async def _originals(
+        self, db: AsyncSession, drafts: list[Draft]
+    ) -> dict[tuple[str, str], MessagePublic]:
+        """Messages already stored under the drafts' (author, client_id)."""
+        keyed = {(d.user_id, d.client_id) for d in drafts if d.client_id is not None}
+        if not keyed:
+            return {}
+        rows = await db.exec(
+            select(Message, User)
+            .join(User, col(User.id) == Message.author_id)
+            .where(
+                col(Message.author_id).in_({user for user, _ in keyed}),
+                col(Message.client_id).in_({client for _, client in keyed}),
+            )
+        )
+        found = {}
+        for message, author in rows:
+            key = (message.author_id, message.client_id)
+            if key in keyed:
+                found[key] = _public(message, author)
+        return found
+
+    async def _insert(self, db: AsyncSession, drafts: list[Draft]) -> list[Sent]:
+        """Number the drafts room by room (rooms locked in id order) and store them."""
+        if not drafts:
+            return []
+        counts = Counter(draft.room_id for draft in drafts)
+        next_seq: dict[str, int] = {}
+        for room_id in sorted(counts):
+            result = await db.exec(
+                update(Room)
+                .where(col(Room.id) == room_id)
+                .values(last_seq=col(Room.last_seq) + counts[room_id])
+                .returning(col(Room.last_seq))
+            )
+            next_seq[room_id] = int(result.scalar_one()) - counts[room_id] + 1
+        authors = {
+            user.id: user_summary(user)
+            for user in await db.exec(
+                select(User).where(col(User.id).in_({d.user_id for d in drafts}))
+            )
+        }
+        now = utcnow()
+        rows: list[dict[str, Any]] = []
+        for draft in drafts:
+            seq = next_seq[draft.room_id]
+            next_seq[draft.room_id] = seq + 1
+            rows.append(
+                {
+                    "id": new_id(),
+                    "room_id": draft.room_id,
+                    "seq": seq,
+                    "change_seq": seq,
+                    "author_id": draft.user_id,
+                    "body": draft.body,
+                    "client_id": draft.client_id,
+                    "created_at": now,
+                    "edited_at": None,
+                    "deleted": False,
+                }
+            )
+        connection = await db.connection()  # executemany, below the ORM: rows, not objects
+        await connection.execute(insert(Message), rows)
+        return [
+            Sent(MessagePublic(**row, author=authors[str(row["author_id"])]), created=True)
+            for row in rows
+        ]
+
+    async def _send_alone(self, draft: Draft) -> Sent | BaseException:
+        try:
+            return await self._send_one(draft.user_id, draft.room_id, draft.body, draft.client_id)
+        except Exception as exc:  # this draft's answer, as a batch would have given it
+            return exc
+
+    async def _send_one(self, user_id: str, room_id: str, body: str, client_id: str | None) -> Sent:
         async with self._sessions() as db:
             (await room_access(db, room_id, user_id)).member()
             if client_id is not None:
@@ -149,7 +328,6 @@ class MessageService:
                     raise
                 return Sent(original, created=False)
             public = _public(message, author)
-        self._announce("message.new", public)
         return Sent(public, created=True)
 
     async def edit(self, user_id: str, room_id: str, seq: int, body: str) -> MessagePublic:
@@ -244,6 +422,51 @@ class MessageService:
         self._events.publish(
             Event(event_type, {"message": message.model_dump(mode="json")}, room_id=message.room_id)
         )
+
+
+def _resolve(outcomes: list[_Pending], index: int) -> Sent | BaseException:
+    outcome = outcomes[index]
+    if isinstance(outcome, _Same):
+        first = _resolve(outcomes, outcome.index)
+        return Sent(first.message, created=False) if isinstance(first, Sent) else first
+    assert outcome is not None
+    return outcome
+
+
+def _resend(original: MessagePublic, room_id: str) -> Sent | BaseException:
+    if original.room_id != room_id:
+        return Conflict(
+            "This client_id was already used for a message in another room",
+            code="client_id_reused",
+        )
+    return Sent(original, created=False)  # a resend costs no rate budget
+
+
+async def _denied(db: AsyncSession, drafts: list[Draft]) -> dict[int, DomainError]:
+    """The drafts whose author may not post in their room, with the error room_access gives."""
+    room_ids = {d.room_id for d in drafts}
+    visibility = dict(
+        (await db.exec(select(Room.id, Room.visibility).where(col(Room.id).in_(room_ids)))).all()
+    )
+    members = set(
+        (
+            await db.exec(
+                select(Membership.room_id, Membership.user_id).where(
+                    col(Membership.room_id).in_(room_ids),
+                    col(Membership.user_id).in_({d.user_id for d in drafts}),
+                )
+            )
+        ).all()
+    )
+    denied: dict[int, DomainError] = {}
+    for index, draft in enumerate(drafts):
+        if (draft.room_id, draft.user_id) in members:
+            continue
+        if visibility.get(draft.room_id) != PUBLIC:
+            denied[index] = RoomNotFound()
+        else:
+            denied[index] = Forbidden("Join this room first", code="not_member")
+    return denied
 
 
 def _with_authors(room_id: str) -> Any:

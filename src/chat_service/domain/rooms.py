@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -14,7 +14,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from chat_service.db import SessionFactory
 from chat_service.domain.access import MEMBER, OWNER, PUBLIC, RoomAccess, room_access, user_summary
 from chat_service.domain.events import Event, EventSink
-from chat_service.errors import Conflict, DomainError, NotFound
+from chat_service.errors import Conflict, InvalidInput, NotFound
 from chat_service.models import Membership, Message, Room, User
 from chat_service.schemas import (
     MemberPage,
@@ -28,10 +28,14 @@ from chat_service.schemas import (
 )
 
 
-class InvalidCursor(DomainError):
-    status = 422
-    code = "invalid_cursor"
-    detail = "This cursor is not one the API gave out"
+class InvalidCursor(InvalidInput):
+    def __init__(self) -> None:
+        super().__init__(
+            "This cursor is not one the API gave out",
+            field="cursor",
+            code="invalid_cursor",
+            location="query",
+        )
 
 
 def encode_cursor(value: str) -> str:
@@ -65,11 +69,11 @@ class RoomService:
         self,
         sessions: SessionFactory,
         events: EventSink,
-        is_online: Callable[[str, str], bool] = lambda _room_id, _user_id: False,
+        online_ids: Callable[[str], Awaitable[set[str]]] | None = None,
     ) -> None:
         self._sessions = sessions
         self._events = events
-        self._is_online = is_online
+        self._online_ids = online_ids or _nobody_online
 
     async def create(self, user_id: str, data: RoomCreate) -> RoomPublic:
         async with self._sessions() as db:
@@ -179,11 +183,9 @@ class RoomService:
             if after is not None:
                 statement = statement.where(col(Membership.user_id) > after)
             rows = (await db.exec(statement)).all()
+        online = await self._online_ids(room_id)
         items = [
-            MemberPublic(
-                **_membership_fields(membership, user),
-                online=self._is_online(room_id, user.id),
-            )
+            MemberPublic(**_membership_fields(membership, user), online=user.id in online)
             for membership, user in rows[:limit]
         ]
         next_cursor = encode_cursor(items[-1].user.id) if len(rows) > limit else None
@@ -303,3 +305,7 @@ def _room_item(
         last_seq=room.last_seq if membership else None,
         unread_count=unread if membership else None,
     )
+
+
+async def _nobody_online(_room_id: str) -> set[str]:
+    return set()

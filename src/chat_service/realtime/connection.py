@@ -17,6 +17,7 @@ from datetime import datetime
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chat_service.ids import new_id
+from chat_service.metrics import Metrics, detached
 from chat_service.schemas import UserSummary
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,11 @@ class Connection:
         expires_at: datetime,
         max_frames: int,
         max_bytes: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self.id = new_id()
+        self._metrics = metrics or detached()
+        self.peer_close_code: int | None = None  # the client's close frame, if it sent one
         self.websocket = websocket
         self.user = user
         self.session_id = session_id
@@ -89,6 +93,11 @@ class Connection:
         return self._close is not None and self._close.flush
 
     @property
+    def close_code(self) -> int | None:
+        """How it ended: our close code, else the client's, else None (no close frame)."""
+        return self._close.code if self._close is not None else self.peer_close_code
+
+    @property
     def queued(self) -> tuple[int, int]:
         return len(self._queue), self._queued_bytes
 
@@ -100,6 +109,7 @@ class Connection:
             self._push(frame)
         elif frame.droppable:
             self.dropped_frames += 1
+            self._metrics.ws_frames_dropped.inc()
         else:
             self._evict_droppable()
             if self._fits(frame):
@@ -109,6 +119,7 @@ class Connection:
                     "closing a slow connection: outbound queue full",
                     extra={"connection_id": self.id, "user_id": self.user_id},
                 )
+                self._metrics.ws_slow_closes.inc()
                 self.close(4408, "too slow: outbound queue overflowed", flush=False)
 
     def close(self, code: int, reason: str, *, flush: bool = True) -> None:
@@ -133,6 +144,7 @@ class Connection:
                 frame = self._queue.popleft()
                 self._queued_bytes -= frame.size
                 await self.websocket.send_text(frame.text)
+                self._metrics.ws_frames_sent.inc()
             await self._send_close()
         except (OSError, RuntimeError, WebSocketDisconnect) as exc:  # the peer went away
             log.debug("writer stopped", extra={"connection_id": self.id, "error": repr(exc)})
@@ -164,5 +176,6 @@ class Connection:
     def _evict_droppable(self) -> None:
         kept = deque(frame for frame in self._queue if not frame.droppable)
         self.dropped_frames += len(self._queue) - len(kept)
+        self._metrics.ws_frames_dropped.inc(len(self._queue) - len(kept))
         self._queue = kept
         self._queued_bytes = sum(frame.size for frame in kept)

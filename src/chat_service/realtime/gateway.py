@@ -19,24 +19,29 @@ import orjson
 from pydantic import ValidationError
 from starlette.websockets import WebSocket
 
+from chat_service.api.input_guard import json_text_has_nul
 from chat_service.clock import utcnow
 from chat_service.domain.access import user_summary
 from chat_service.domain.accounts import AccountService, Principal
 from chat_service.domain.events import Event, EventSink
-from chat_service.domain.messages import MessageService
+from chat_service.domain.messages import MessageService, Sent
 from chat_service.domain.rooms import RoomService
 from chat_service.errors import (
-    STORAGE_FAILURES,
     DomainError,
     Forbidden,
     RateLimited,
     Unauthorized,
+    is_storage_failure,
     socket_error,
 )
+from chat_service.logging_config import bind_connection
+from chat_service.metrics import Metrics, detached
+from chat_service.ratelimit import RateLimiter, Rule
 from chat_service.realtime import frames
 from chat_service.realtime.connection import CLOSE_TIMEOUT_S, Connection, Outbound
 from chat_service.realtime.fanout import Fanout
 from chat_service.realtime.hub import Hub
+from chat_service.realtime.presence import LocalPresence
 from chat_service.schemas import MessagePublic
 from chat_service.settings import Settings
 
@@ -69,14 +74,22 @@ class Gateway:
         settings: Settings,
         hub: Hub,
         fanout: Fanout,
+        presence: LocalPresence,
+        limiter: RateLimiter,
         events: EventSink,
         accounts: AccountService,
         rooms: RoomService,
         messages: MessageService,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics or detached()
         self._hub = hub
         self._fanout = fanout
+        self._presence = presence
+        self._limiter = limiter
+        # Shared by every worker through the limiter's storage, like the message limit.
+        self._typing_rule = Rule.parse("typing", f"{settings.typing_rate_per_s}/second")
         self._events = events
         self._accounts = accounts
         self._rooms = rooms
@@ -100,13 +113,27 @@ class Gateway:
         )
         try:
             principal = await self._authenticate(websocket)
+            await self._claim_connection(principal)
         except Refused as refused:
+            self._metrics.handshake_refused(refused.code, refused.__cause__)
             await websocket.accept(subprotocol=subprotocol)
             await websocket.close(refused.code, refused.reason)
             log.info(
                 "websocket refused", extra={"close_code": refused.code, "reason": refused.reason}
             )
             return
+        try:
+            await self._serve(websocket, subprotocol, principal, room_id)
+        finally:
+            self._presence.release_connection(principal.user.id)
+
+    async def _serve(
+        self,
+        websocket: WebSocket,
+        subprotocol: str | None,
+        principal: Principal,
+        room_id: str | None,
+    ) -> None:
         connection = Connection(
             websocket,
             user=user_summary(principal.user),
@@ -114,9 +141,12 @@ class Gateway:
             expires_at=principal.expires_at,
             max_frames=self._settings.outbound_queue_frames,
             max_bytes=self._settings.outbound_queue_bytes,
+            metrics=self._metrics,
         )
-        # Registered before any await: the per-user connection cap just checked holds.
+        bind_connection(connection.id)  # every line about this connection carries its id
+        # Registered before any await: the per-user connection cap just claimed holds.
         self._hub.register(connection)
+        self._metrics.ws_opened.inc()
         try:
             await websocket.accept(subprotocol=subprotocol)
             log.info(
@@ -127,6 +157,7 @@ class Gateway:
             await self._run(connection, room_id)
         finally:
             self._hub.unregister(connection)
+            self._metrics.ws_closed_with(connection.close_code)
             log.info(
                 "websocket closed",
                 extra={"connection_id": connection.id, "user_id": connection.user_id},
@@ -163,9 +194,10 @@ class Gateway:
     async def _receive(self, connection: Connection, room_id: str | None) -> None:
         try:
             await self._receive_frames(connection, room_id)
-        except STORAGE_FAILURES:
-            connection.close(1013, "storage unavailable: reconnect with backoff and resume")
-        except Exception:
+        except Exception as exc:
+            if is_storage_failure(exc):
+                connection.close(1013, "storage unavailable: reconnect with backoff and resume")
+                return
             log.exception("connection failed", extra={"connection_id": connection.id})
             connection.close(1011, "internal error: reconnect with backoff and resume")
 
@@ -176,6 +208,7 @@ class Gateway:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
+                connection.peer_close_code = message.get("code")
                 return
             text = message.get("text")
             if text is None:
@@ -186,6 +219,9 @@ class Gateway:
             await self._handle(connection, text)
 
     async def _join_at_connect(self, connection: Connection, room_id: str) -> bool:
+        if "\x00" in room_id:
+            connection.close(4404, "room not found")
+            return False
         try:
             await self._join(connection, frames.Join(type="join", room_id=room_id))
         except (DomainError, ValidationError):
@@ -236,14 +272,19 @@ class Gateway:
             raise Refused(4403, exc.code) from exc
         except DomainError as exc:
             raise Refused(4401, exc.code) from exc
-        except STORAGE_FAILURES as exc:
-            raise Refused(1013, "storage unavailable: retry with backoff") from exc
+        except Exception as exc:
+            if is_storage_failure(exc):
+                raise Refused(1013, "storage unavailable: retry with backoff") from exc
+            log.exception("websocket authentication failed")
+            raise Refused(1011, "internal error: reconnect with backoff") from exc
+        return principal
+
+    async def _claim_connection(self, principal: Principal) -> None:
         limit = self._settings.max_connections_per_user
-        if self._hub.connections_of(principal.user.id) >= limit:
+        if not await self._presence.claim_connection(principal.user.id, limit):
             raise Refused(
                 4429, f"too many connections for this user (limit {limit}): back off 30 s"
             )
-        return principal
 
     async def _principal(self, websocket: WebSocket) -> Principal:
         header = websocket.headers.get("authorization")
@@ -302,12 +343,16 @@ class Gateway:
             self._error(connection, "invalid_frame", "A frame is a JSON object")
             return
         ref = data.get("ref") if isinstance(data.get("ref"), str | int) else None
+        if json_text_has_nul(text):  # Postgres cannot store one; no chat text needs one
+            self._error(connection, "invalid_frame", "NUL characters are not allowed", ref)
+            return
         frame_type = data.get("type")
         model = frames.CLIENT_FRAMES.get(frame_type) if isinstance(frame_type, str) else None
         if model is None:
             code = "unknown_type" if isinstance(frame_type, str) else "invalid_frame"
             self._error(connection, code, f"Unknown frame type: {str(frame_type)[:40]!r}", ref)
             return
+        self._metrics.ws_frames_received.labels(frame_type).inc()
         try:
             frame = model.model_validate(data)
         except ValidationError as exc:
@@ -322,6 +367,11 @@ class Gateway:
                     "frame handler failed",
                     extra={"connection_id": connection.id, "frame_type": frame_type},
                 )
+            elif code == "unavailable":
+                log.warning(
+                    "storage unavailable",
+                    extra={"frame_type": frame_type, "error": type(exc).__name__},
+                )
             self._error(connection, code, detail, ref, retry_after)
 
     def _error(
@@ -332,6 +382,7 @@ class Gateway:
         ref: str | int | None = None,
         retry_after: int | None = None,
     ) -> None:
+        self._metrics.ws_error_frames.labels(code).inc()
         frame = frames.Error(code=code, detail=detail, ref=ref, retry_after=retry_after)
         connection.offer(Outbound(frame.encode()))
 
@@ -352,6 +403,7 @@ class Gateway:
                 limit=frame.limit or DEFAULT_HISTORY,
                 cap=SINCE_SEQ_CAP,
             )
+            online = await self._presence.online(room_id)
         except BaseException:
             self._hub.unsubscribe(connection, room_id)
             raise
@@ -369,7 +421,7 @@ class Gateway:
             messages=messages,
             last_seq=snapshot.last_seq,
             truncated=snapshot.truncated or cut,
-            online=self._hub.online(room_id),
+            online=online,
         )
         connection.offer(Outbound(joined.encode()))
         self._hub.finish_join(connection, room_id, snapshot.last_seq)
@@ -379,15 +431,17 @@ class Gateway:
         connection.offer(Outbound(frames.Left(ref=frame.ref, room_id=frame.room_id).encode()))
 
     async def _send(self, connection: Connection, frame: frames.MessageSend) -> None:
+        def acknowledge(sent: Sent) -> None:  # committed, not yet announced
+            ack = frames.Ack(ref=frame.ref, client_id=frame.client_id, message=sent.message)
+            connection.offer(Outbound(ack.encode()))
+
         try:
-            sent = await self._messages.send(
-                connection.user_id, frame.room_id, frame.body, frame.client_id
+            await self._messages.send(
+                connection.user_id, frame.room_id, frame.body, frame.client_id, acknowledge
             )
         except RateLimited:
             self._note_refusal(connection)
             raise
-        ack = frames.Ack(ref=frame.ref, client_id=frame.client_id, message=sent.message)
-        connection.offer(Outbound(ack.encode()))
 
     def _note_refusal(self, connection: Connection) -> None:
         """A client that keeps sending far past its limit is closed 4429."""
@@ -402,12 +456,7 @@ class Gateway:
     async def _typing(self, connection: Connection, frame: frames.Typing) -> None:
         if frame.room_id not in connection.rooms:
             raise Forbidden("Join the room first")
-        if self._hub.typing_allowed(
-            frame.room_id,
-            connection.user_id,
-            time.monotonic(),
-            1 / self._settings.typing_rate_per_s,
-        ):
+        if await self._limiter.allow(self._typing_rule, f"{frame.room_id}:{connection.user_id}"):
             self._events.publish(
                 Event(
                     "typing",

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from chat_service.domain.events import Event, EventSink
+from chat_service.domain.events import Event
+from chat_service.metrics import Metrics, detached
 from chat_service.realtime.connection import Connection, Outbound
 from chat_service.realtime.frames import encode
 from chat_service.schemas import UserSummary
@@ -37,14 +38,15 @@ class RoomState:
 
 
 class Hub:
-    def __init__(self, events: EventSink) -> None:
-        # Presence changes are events too: they reach the other processes through the broker.
-        self._events = events
+    def __init__(self) -> None:
         self.on_room_idle: Callable[[str], None] = lambda _room_id: None
+        self.metrics: Metrics = detached()  # the app sets its own
+        # A user's first subscription to a room here, or their last one ending: (room id,
+        # user, "online" | "offline"). Presence (realtime/presence.py) decides what others see.
+        self.on_presence: Callable[[str, UserSummary, str], None] = lambda *_change: None
         self._rooms: dict[str, RoomState] = {}
         self._by_user: dict[str, set[Connection]] = defaultdict(set)
         self._by_session: dict[str, set[Connection]] = defaultdict(set)
-        self._typing_at: dict[tuple[str, str], float] = {}
         self.idle = asyncio.Event()  # set while no connection is registered
         self.idle.set()
 
@@ -80,7 +82,7 @@ class Hub:
         first = room.users.get(connection.user_id, 0) == 0
         room.users[connection.user_id] = room.users.get(connection.user_id, 0) + 1
         if first:
-            self._presence(room_id, connection.user, "online")
+            self.on_presence(room_id, connection.user, "online")
 
     def unsubscribe(self, connection: Connection, room_id: str) -> None:
         room = self._rooms.get(room_id)
@@ -94,8 +96,7 @@ class Hub:
             room.users[connection.user_id] = remaining
         else:
             del room.users[connection.user_id]
-            self._typing_at.pop((room_id, connection.user_id), None)
-            self._presence(room_id, connection.user, "offline")
+            self.on_presence(room_id, connection.user, "offline")
         if not room.connections:
             if room.release_timer is not None:
                 room.release_timer.cancel()
@@ -108,6 +109,13 @@ class Hub:
             return []
         users = {c.user_id: c.user for c in room.connections}
         return [users[user_id] for user_id in sorted(room.users)]
+
+    def presences(self) -> Iterator[tuple[str, UserSummary]]:
+        """Every (room id, user) this process holds a subscription for."""
+        for room_id, room in list(self._rooms.items()):
+            users = {c.user_id: c.user for c in room.connections}
+            for user_id in list(room.users):
+                yield room_id, users[user_id]
 
     def has_subscribers(self, room_id: str) -> bool:
         return room_id in self._rooms
@@ -130,13 +138,6 @@ class Hub:
             if change_seq is None or change_seq > last_seq:
                 connection.offer(frame)
 
-    def typing_allowed(self, room_id: str, user_id: str, now: float, interval_s: float) -> bool:
-        last = self._typing_at.get((room_id, user_id))
-        if last is not None and now - last < interval_s:
-            return False
-        self._typing_at[(room_id, user_id)] = now
-        return True
-
     def all_connections(self) -> set[Connection]:
         return {c for connections in self._by_user.values() for c in connections}
 
@@ -147,7 +148,6 @@ class Hub:
             "sessions": len(self._by_session),
             "rooms": len(self._rooms),
             "subscriptions": sum(len(r.connections) for r in self._rooms.values()),
-            "typing_entries": len(self._typing_at),
         }
 
     # --- delivery ----------------------------------------------------------------------------
@@ -211,6 +211,7 @@ class Hub:
         if room is None:
             return
         message = event.data["message"]
+        self.metrics.observe_fanout(event.type, message)
         seq = int(message["change_seq"])
         outbound = Outbound(
             encode({"type": event.type, "room_id": event.room_id, "message": message})
@@ -251,10 +252,6 @@ class Hub:
         for seq in sorted(room.held):
             self._deliver(room, room_id, room.held.pop(seq), seq)
             room.next_seq = seq + 1
-
-    def _presence(self, room_id: str, user: UserSummary, status: str) -> None:
-        data = {"user": user.model_dump(), "status": status}
-        self._events.publish(Event("presence", data, room_id=room_id, user_id=user.id))
 
     def _end_room(self, room_id: str, frame: dict[str, Any], only_user: str | None = None) -> None:
         room = self._rooms.get(room_id)
