@@ -91,7 +91,7 @@ class RateLimiter:
         usage = await self.usage(rule, key)
         if usage.remaining <= 0:
             self._metrics.rate_limited.labels(rule.name).inc()
-            raise RateLimited(usage.reset_in_s or 1, rate_limit_headers([usage]))
+            raise _refusal(usage)
         return usage
 
     async def allow(self, rule: Rule, key: str) -> bool:
@@ -107,16 +107,19 @@ class RateLimiter:
 
     async def hit(self, rule: Rule, key: str) -> Usage:
         """Count one event against `rule` for `key`; raise RateLimited if it was one too many."""
-        try:
-            allowed = await self._strategy.hit(rule.item, rule.name, key)
-        except STORAGE_FAILURES as exc:
-            _warn_fallback(exc)
-            allowed = await self._fallback.hit(rule.item, rule.name, key)
+        allowed = await self.allow(rule, key)
         usage = await self.usage(rule, key)
         if not allowed:
-            self._metrics.rate_limited.labels(rule.name).inc()
-            raise RateLimited(usage.reset_in_s or 1, rate_limit_headers([usage]))
+            raise _refusal(usage)
         return usage
+
+    async def refusal(self, rule: Rule, key: str) -> RateLimited:
+        """The error for an event `allow` has just refused, saying when to retry."""
+        return _refusal(await self.usage(rule, key))
+
+
+def _refusal(usage: Usage) -> RateLimited:
+    return RateLimited(usage.reset_in_s or 1, rate_limit_headers([usage]))
 
 
 def _warn_fallback(exc: BaseException) -> None:

@@ -214,12 +214,9 @@ class MessageService:
                 outcomes[index] = _resend(originals[key], draft.room_id)
             elif key is not None and key in first_of:
                 outcomes[index] = _Same(first_of[key])  # sent twice in one batch
+            elif not await self._limiter.allow(self._rate, draft.user_id):
+                outcomes[index] = await self._limiter.refusal(self._rate, draft.user_id)
             else:
-                try:
-                    await self._limiter.hit(self._rate, draft.user_id)
-                except DomainError as exc:
-                    outcomes[index] = exc
-                    continue
                 if key is not None:
                     first_of[key] = index
                 fresh.append(index)

@@ -266,6 +266,8 @@ class Gateway:
             raise Refused(4401, "tokens are not accepted in the URL: use a ticket")
         try:
             principal = await self._principal(websocket)
+        except Refused:
+            raise
         except Unauthorized as exc:
             raise Refused(4401, exc.code) from exc
         except Forbidden as exc:
