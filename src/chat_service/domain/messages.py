@@ -201,21 +201,23 @@ class MessageService:
         self, db: AsyncSession, drafts: list[Draft], outcomes: list[_Pending]
     ) -> list[int]:
         """Settle the drafts that store nothing (no access, a resend, over the rate limit)
-        in `outcomes`; return the indexes of those to store."""
+        in `outcomes`; return the indexes of those to store. Only resends are free: sends
+        refused for access count against the rate limit too (each costs queries)."""
         denied = await _denied(db, drafts)
         originals = await self._originals(db, drafts)
         first_of: dict[tuple[str, str], int] = {}
         fresh: list[int] = []
         for index, draft in enumerate(drafts):
             key = (draft.user_id, draft.client_id) if draft.client_id is not None else None
-            if index in denied:
-                outcomes[index] = denied[index]
-            elif key is not None and key in originals:
+            allowed_in = index not in denied
+            if allowed_in and key is not None and key in originals:
                 outcomes[index] = _resend(originals[key], draft.room_id)
-            elif key is not None and key in first_of:
+            elif allowed_in and key is not None and key in first_of:
                 outcomes[index] = _Same(first_of[key])  # sent twice in one batch
             elif not await self._limiter.allow(self._rate, draft.user_id):
                 outcomes[index] = await self._limiter.refusal(self._rate, draft.user_id)
+            elif not allowed_in:
+                outcomes[index] = denied[index]
             else:
                 if key is not None:
                     first_of[key] = index

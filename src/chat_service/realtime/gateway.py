@@ -344,7 +344,9 @@ class Gateway:
         if not isinstance(data, dict):
             self._error(connection, "invalid_frame", "A frame is a JSON object")
             return
-        ref = data.get("ref") if isinstance(data.get("ref"), str | int) else None
+        ref = data.get("ref")
+        if isinstance(ref, bool) or not isinstance(ref, str | int):
+            ref = None  # true would come back as 1 and match the wrong request
         if json_text_has_nul(text):  # Postgres cannot store one; no chat text needs one
             self._error(connection, "invalid_frame", "NUL characters are not allowed", ref)
             return

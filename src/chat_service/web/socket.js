@@ -1,7 +1,7 @@
 // The WebSocket side: one connection to /ws, the rooms joined on it, and the reconnect and
 // resume recipe of docs/protocol.md §6 (jittered backoff, `join {since_seq}`, outbox resend).
 
-const STOP = new Set([4403, 4404, 1009]);  // reconnecting would not help
+const STOP = new Set([4403, 4404, 1007, 1009]);  // reconnecting would not help
 const PING_EVERY_MS = 25_000;              // an app-level ping finds a dead server...
 const PONG_WITHIN_MS = 10_000;             // ...when nothing comes back in time
 const TYPING_EVERY_MS = 1_000;             // the server drops more than one a second anyway
