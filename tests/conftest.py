@@ -46,17 +46,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=os.environ.get("TEST_DB", "postgres"),
         help="database backend for the suite (default: postgres; env TEST_DB)",
     )
+    parser.addoption(
+        "--split",
+        action="store_true",
+        help="run backend_independent tests only in the suite their marker names (CI)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked backend_independent run once per CI, in the PostgreSQL suite: under
-    --db sqlite they would repeat the same work for nothing (they are deselected, not skipped)."""
-    if config.getoption("--db") != "sqlite":
+    """With --split (CI runs the PostgreSQL and SQLite suites side by side), a test marked
+    backend_independent runs only in the suite its marker names: on the other backend it
+    would repeat the same work for nothing. They are deselected there, not skipped; without
+    --split every test runs."""
+    if not config.getoption("--split"):
         return
-    independent = [item for item in items if item.get_closest_marker("backend_independent")]
-    if independent:
-        config.hook.pytest_deselected(items=independent)
-        items[:] = [item for item in items if not item.get_closest_marker("backend_independent")]
+    backend = config.getoption("--db")
+    elsewhere = [item for item in items if _independent_suite(item) not in (None, backend)]
+    if elsewhere:
+        config.hook.pytest_deselected(items=elsewhere)
+        items[:] = [item for item in items if item not in elsewhere]
+
+
+def _independent_suite(item: pytest.Item) -> str | None:
+    marker = item.get_closest_marker("backend_independent")
+    return None if marker is None else str(marker.kwargs.get("suite", "postgres"))
 
 
 @pytest.fixture(scope="session")

@@ -65,7 +65,7 @@ from tests.test_faults import (
     stored_messages,
 )
 
-pytestmark = pytest.mark.backend_independent
+pytestmark = pytest.mark.backend_independent(suite="postgres")  # see tests/conftest.py
 log = logging.getLogger(__name__)
 
 MESSAGES = int(os.environ.get("ACK_DURABILITY_MESSAGES", "2000"))

@@ -45,6 +45,8 @@ from tests.test_tokens import (
 )
 from tests.test_ws_protocol import Client, Harness, User, check_cases, parse_time, wait_until
 
+pytestmark = pytest.mark.backend_independent(suite="sqlite")  # see tests/conftest.py
+
 HarnessFactory = Callable[..., Awaitable[Harness]]
 
 ALLOWED_ORIGIN = "https://chat.example"
@@ -530,7 +532,6 @@ SPOOFED_HEADERS: list[Callable[[int], dict[str, str]]] = [
 ]
 
 
-@pytest.mark.backend_independent
 async def test_forwarded_headers_do_not_dodge_per_ip_limits(
     live_server_factory: LiveServerFactory,
 ) -> None:

@@ -35,6 +35,8 @@ from playwright.async_api import (
 from tests.conftest import LiveServer, LiveServerFactory
 from tests.helpers import API, PASSWORD, bearer
 
+pytestmark = pytest.mark.backend_independent(suite="sqlite")  # see tests/conftest.py
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",

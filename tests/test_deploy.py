@@ -61,6 +61,8 @@ from chat_service.settings import Settings
 from tests.conftest import ephemeral_postgres
 from tests.helpers import API, PASSWORD, TEST_JWT_SECRET, bearer, free_port
 
+pytestmark = pytest.mark.backend_independent(suite="sqlite")  # see tests/conftest.py
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"

@@ -54,7 +54,7 @@ from tests.pg_private import (
 )
 from tests.test_scale_out import RedisServer
 
-pytestmark = pytest.mark.backend_independent
+pytestmark = pytest.mark.backend_independent(suite="sqlite")  # see tests/conftest.py
 log = logging.getLogger(__name__)
 
 Json = dict[str, Any]

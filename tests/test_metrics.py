@@ -27,6 +27,8 @@ from chat_service.schemas import UserSummary
 from tests.conftest import AppFactory, LiveServer, LiveServerFactory, client_for
 from tests.helpers import API, PASSWORD, bearer, signup
 
+pytestmark = pytest.mark.backend_independent(suite="sqlite")  # see tests/conftest.py
+
 Labels = frozenset[tuple[str, str]]
 Samples = dict[tuple[str, Labels], float]
 TIMEOUT_S = 5.0

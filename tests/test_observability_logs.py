@@ -23,6 +23,8 @@ from websockets.typing import Subprotocol
 from tests.conftest import AppFactory, client_for
 from tests.helpers import API, ServerProcess, bearer
 
+pytestmark = pytest.mark.backend_independent(suite="sqlite")  # see tests/conftest.py
+
 TIMEOUT_S = 5.0
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 

@@ -41,7 +41,7 @@ from tests.test_scale_out import (
 
 __all__ = ["sockets"]  # the fixture, shared with test_scale_out
 
-pytestmark = pytest.mark.backend_independent  # Redis presence; the database backend plays no part
+pytestmark = pytest.mark.backend_independent(suite="postgres")  # see tests/conftest.py
 
 PRESENCE_TTL_S = 3.0
 # Renewed every third of the TTL; the sweep runs on the next renewal after it lapses.

@@ -32,6 +32,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from tests.conftest import LiveServer
 from tests.helpers import API, PASSWORD, bearer
 
+pytestmark = pytest.mark.backend_independent(suite="sqlite")  # see tests/conftest.py
+
 README = Path(__file__).parents[1] / "README.md"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

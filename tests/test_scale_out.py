@@ -42,6 +42,8 @@ from websockets.exceptions import ConnectionClosed
 from tests.frame_schemas import validate_server_frame
 from tests.helpers import API, PASSWORD, TEST_JWT_SECRET, ServerProcess, bearer, free_port, signup
 
+pytestmark = pytest.mark.backend_independent(suite="sqlite")  # see tests/conftest.py
+
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MANY_SIGNUPS = "10000/hour"  # every signup here comes from 127.0.0.1
 MESSAGE_RATE_PER_S, MESSAGE_BURST = 2, 3  # on the shared pair: 3 sends per 2 s per user

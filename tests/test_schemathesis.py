@@ -40,6 +40,8 @@ from chat_service.settings import Settings
 from tests.conftest import ephemeral_postgres
 from tests.helpers import API, PASSWORD, TEST_JWT_SECRET, ServerProcess, bearer, free_port
 
+pytestmark = pytest.mark.backend_independent(suite="postgres")  # see tests/conftest.py
+
 MAX_EXAMPLES = 20  # per operation and run, for the fuzzing phase (coverage cases come on top)
 SEED = 20_260_101
 GENEROUS_LIMITS = {

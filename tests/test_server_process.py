@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import websockets
 
 from tests.helpers import API, TEST_JWT_SECRET, ServerProcess, bearer, free_port
+
+pytestmark = pytest.mark.backend_independent(suite="sqlite")  # see tests/conftest.py
 
 LOG_KEYS = {"ts", "level", "logger", "msg"}
 PREFIX_LEN = 16

@@ -50,6 +50,8 @@ from tests.conftest import LiveServer, LiveServerFactory
 from tests.frame_schemas import validate_server_frame
 from tests.helpers import API, bearer, signup
 
+pytestmark = pytest.mark.backend_independent(suite="sqlite")  # see tests/conftest.py
+
 log = logging.getLogger(__name__)
 
 FRAME_LIMIT = 64 * 1024
@@ -894,7 +896,6 @@ async def test_fuzzed_frames_get_documented_answers_and_leave_nothing_behind(
     assert rss_growth < RSS_TOLERANCE_KIB, f"RSS grew {rss_growth} KiB"
 
 
-@pytest.mark.backend_independent
 def test_the_generator_covers_every_kind_and_its_oracle_is_right() -> None:
     """The generator, checked against itself: every kind of case comes up within a round's
     worth of seeds, and the answers it expects follow the documented rules."""

@@ -45,6 +45,8 @@ from tests.frame_schemas import validate_server_frame
 from tests.helpers import API, ServerProcess, bearer, free_port, signup
 from tests.test_server_process import assert_not_logged, json_log, stop_cleanly
 
+pytestmark = pytest.mark.backend_independent(suite="postgres")  # see tests/conftest.py
+
 log = logging.getLogger(__name__)
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
