@@ -1,0 +1,125 @@
+"""Smoke run of the benchmark suite (`chat-service bench`): it works end to end.
+
+One tiny fan-out, run the way an operator runs it: the bench creates and migrates its own
+Postgres database, starts chat-service and both baselines (bench/baselines/), drives each
+with real WebSocket clients, writes JSON, markdown and a chart, and drops its database. It
+checks that every message was delivered and acked at a trivial rate; it checks no speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.conftest import DEFAULT_SERVER_URL
+
+pytestmark = pytest.mark.backend_independent(suite="postgres")  # see tests/conftest.py
+
+MEMBERS = 3
+RATES = (10.0, 20.0)
+DURATION_S = 0.5
+TARGETS = ("chat-service", "tutorial", "raw")
+
+
+def run_bench(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "chat_service", "bench", *args, "--out", str(out)]
+    admin_url = os.environ.get("TEST_DATABASE_URL", DEFAULT_SERVER_URL)
+    return subprocess.run(
+        [*command, "--admin-database-url", admin_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+async def database_exists(name: str) -> bool:
+    url = os.environ.get("TEST_DATABASE_URL", DEFAULT_SERVER_URL)
+    connection = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        found = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+    finally:
+        await connection.close()
+    return found is not None
+
+
+@pytest.fixture(scope="module")
+def fanout_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("bench")
+    result = run_bench(
+        out,
+        "fanout",
+        "--members",
+        str(MEMBERS),
+        "--senders",
+        "1",
+        "--rates",
+        ",".join(f"{rate:g}" for rate in RATES),
+        "--duration",
+        str(DURATION_S),
+        "--rounds",
+        "1",
+        "--targets",
+        ",".join(TARGETS),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((out / f"fanout-{MEMBERS}.json").read_text())
+    return out, report, result.stderr
+
+
+def test_every_target_delivers_every_message_at_a_trivial_rate(
+    fanout_run: tuple[Path, dict[str, Any], str],
+) -> None:
+    _, report, _ = fanout_run
+    steps = [step for step in report["steps"] if step["label"] != "warm-up"]
+    assert {step["target"] for step in steps} == set(TARGETS)
+    for step in steps:
+        where = f"{step['target']} at {step['offered_per_s']}/s"
+        assert step["sent"] == round(step["offered_per_s"] * DURATION_S), where
+        # Every member, the sender included, gets every message exactly once.
+        assert step["expected"] == step["sent"] * MEMBERS, where
+        assert step["delivered"] == step["expected"], where
+        assert step["lost"] == 0, where
+        assert step["errors"] == {}, where
+        assert step["latency_ms"]["count"] == step["delivered"], where
+        assert 0 < step["latency_ms"]["p50"] <= step["latency_ms"]["max"], where
+        if step["target"] == "chat-service":
+            assert step["acks"] == step["sent"], where  # every send stored and acked
+            assert step["ack_latency_ms"]["count"] == step["sent"], where
+        else:
+            assert step["acks_per_s"] is None, where  # the baselines store nothing
+        # The bench started the server, so /proc told it about the server's memory.
+        assert step["server_rss_mib"] > 1, where
+
+
+def test_results_are_written_as_json_markdown_and_a_chart(
+    fanout_run: tuple[Path, dict[str, Any], str],
+) -> None:
+    out, report, _ = fanout_run
+    assert report["machine"]["nproc"] >= 1
+    assert report["summary"]["capacity"].keys() == set(TARGETS)
+    markdown = (out / f"fanout-{MEMBERS}.md").read_text()
+    assert "| target | offered msg/s | p50 ms |" in markdown
+    for target in TARGETS:
+        assert f"| {target} | 10 |" in markdown
+    chart = out / report["charts"][0]
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"![{chart.name}]({chart.name})" in markdown
+
+
+async def test_the_bench_database_is_dropped_afterwards(
+    fanout_run: tuple[Path, dict[str, Any], str],
+) -> None:
+    _, _, stderr = fanout_run
+    created = re.findall(r"created the bench database (\S+)", stderr)
+    assert len(created) == 1, stderr[-2000:]
+    assert f"dropped the bench database {created[0]}" in stderr
+    assert not await database_exists(created[0])
