@@ -49,7 +49,7 @@ def _env(text: str) -> tuple[str, str]:
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("targets and output")
-    group.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
+    group.add_argument("--out", type=Path, default=Path("bench/results"), help="output directory")
     group.add_argument("--rounds", type=int, default=2, help="runs of each target, alternated")
     group.add_argument(
         "--targets",
