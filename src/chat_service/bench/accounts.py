@@ -30,7 +30,7 @@ class Account:
 
 
 class ApiError(Exception):
-    pass
+    """The service under test answered a setup call (signup, room, ticket) unexpectedly."""
 
 
 def _check(response: httpx.Response, expected: int) -> dict[str, Any]:
