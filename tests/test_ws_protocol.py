@@ -1088,7 +1088,7 @@ async def test_removal_racing_a_join_leaves_no_phantom_subscription(
     alice, bob = await h.signup("alice"), await h.signup("bob")
     room = await h.room(alice)
     assert (await h.http.post(f"{API}/rooms/{room}/join", headers=bob.headers)).is_success
-    service = h.server.app.state.messages
+    service = h.server.app.state.history
     original = service.snapshot
 
     async def removal_meanwhile(*args: Any, **kwargs: Any) -> Any:

@@ -23,6 +23,7 @@ from chat_service.broker import REDIS_SCHEMES, broker_from_url
 from chat_service.db import create_engine, create_session_factory
 from chat_service.domain.accounts import AccountService
 from chat_service.domain.events import EventBus
+from chat_service.domain.history import HistoryService
 from chat_service.domain.messages import MessageService
 from chat_service.domain.rooms import RoomService
 from chat_service.errors import error_responses, install_error_handlers
@@ -108,6 +109,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     accounts = AccountService(sessions, hasher, codec, limiter, events, settings)
     rooms = RoomService(sessions, events, online_ids=presence.online_ids)
     messages = MessageService(sessions, events, limiter, settings)
+    history = HistoryService(sessions)
     gateway = Gateway(
         settings=settings,
         hub=hub,
@@ -119,6 +121,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         accounts=accounts,
         rooms=rooms,
         messages=messages,
+        history=history,
     )
     lifecycle = Lifecycle(
         gateway,
@@ -134,6 +137,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.accounts = accounts
     app.state.rooms = rooms
     app.state.messages = messages
+    app.state.history = history
     app.state.gateway = gateway
     app.state.lifecycle = lifecycle
     metrics.runtime.bind(

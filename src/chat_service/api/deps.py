@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from chat_service.domain.accounts import AccountService, Principal
+from chat_service.domain.history import HistoryService
 from chat_service.domain.messages import MessageService
 from chat_service.domain.rooms import RoomService
 from chat_service.errors import Unauthorized
@@ -38,6 +39,14 @@ def get_messages(request: Request) -> MessageService:
 
 
 MessagesDep = Annotated[MessageService, Depends(get_messages)]
+
+
+def get_history(request: Request) -> HistoryService:
+    history: HistoryService = request.app.state.history
+    return history
+
+
+HistoryDep = Annotated[HistoryService, Depends(get_history)]
 
 
 async def get_principal(

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response, status
 
-from chat_service.api.deps import CurrentPrincipal, MessagesDep
+from chat_service.api.deps import CurrentPrincipal, HistoryDep, MessagesDep
 from chat_service.errors import error_responses
 from chat_service.schemas import (
     MessageCreate,
@@ -25,7 +25,7 @@ Seq = Annotated[int, Path(ge=1, description="The message's seq in the room")]
 async def history(
     room_id: str,
     principal: CurrentPrincipal,
-    messages: MessagesDep,
+    history: HistoryDep,
     before_seq: Annotated[
         int | None, Query(ge=1, description="The newest messages with a smaller seq")
     ] = None,
@@ -40,7 +40,7 @@ async def history(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> MessagePage:
     """A page of messages in ascending order (members only)."""
-    return await messages.history(
+    return await history.page(
         principal.user.id, room_id, before_seq=before_seq, after_seq=after_seq, limit=limit
     )
 

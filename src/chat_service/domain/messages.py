@@ -1,4 +1,4 @@
-"""Messages: history, send (idempotent by client_id), edit, delete, read cursors.
+"""Messages: send (idempotent by client_id), edit, delete, read cursors.
 
 Every change in a room takes the next seq from `rooms.last_seq` in the transaction that writes
 it. The UPDATE that takes it locks the room's row until commit, so changes in one room commit
@@ -29,24 +29,15 @@ from chat_service.db import SessionFactory
 from chat_service.domain.access import OWNER, PUBLIC, RoomNotFound, room_access, user_summary
 from chat_service.domain.events import Event, EventSink, EventType
 from chat_service.domain.group_commit import GroupCommit
+from chat_service.domain.history import message_public
 from chat_service.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound
 from chat_service.ids import new_id
 from chat_service.models import Membership, Message, Room, User
 from chat_service.ratelimit import RateLimiter, Rule
-from chat_service.schemas import MessagePage, MessagePublic
+from chat_service.schemas import MessagePublic
 from chat_service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """History for a WebSocket join, consistent with `last_seq`: every change up to it is in
-    `messages` (unless `truncated`), and every later change is a live event."""
-
-    messages: list[MessagePublic]
-    last_seq: int
-    truncated: bool
 
 
 @dataclass(frozen=True)
@@ -96,64 +87,6 @@ class MessageService:
         period = max(1, math.ceil(settings.message_burst / settings.message_rate_per_s))
         self._rate = Rule("messages", RateLimitItemPerSecond(settings.message_burst, period))
         self._batches = GroupCommit[Draft, Sent](self._store, MAX_BATCH)
-
-    async def history(
-        self,
-        user_id: str,
-        room_id: str,
-        *,
-        before_seq: int | None = None,
-        after_seq: int | None = None,
-        limit: int = 50,
-    ) -> MessagePage:
-        """A page of messages, ascending.
-
-        `after_seq`: every message changed after that seq (new, edited or deleted), in change
-        order, each in its latest state. Otherwise the newest messages before `before_seq`.
-        """
-        if before_seq is not None and after_seq is not None:
-            raise InvalidInput("Give before_seq or after_seq, not both", field="after_seq")
-        statement = _with_authors(room_id).limit(limit + 1)
-        if after_seq is not None:
-            statement = statement.where(col(Message.change_seq) > after_seq).order_by(
-                col(Message.change_seq)
-            )
-        else:
-            if before_seq is not None:
-                statement = statement.where(col(Message.seq) < before_seq)
-            statement = statement.order_by(col(Message.seq).desc())
-        async with self._sessions() as db:
-            (await room_access(db, room_id, user_id)).member()
-            rows = list((await db.exec(statement)).all())
-        has_more = len(rows) > limit
-        rows = rows[:limit]
-        if after_seq is None:
-            rows.reverse()
-        return MessagePage(items=[_public(m, u) for m, u in rows], has_more=has_more)
-
-    async def snapshot(
-        self, user_id: str, room_id: str, *, since_seq: int | None, limit: int, cap: int
-    ) -> Snapshot:
-        """The last `limit` messages, or (with `since_seq`) up to `cap` changes after it."""
-        async with self._sessions() as db:
-            access = await room_access(db, room_id, user_id)
-            access.member()
-            # Read first: a committed last_seq means every change up to it is committed too.
-            last_seq = access.room.last_seq
-            statement = _with_authors(room_id)
-            if since_seq is None:
-                statement = statement.where(col(Message.seq) <= last_seq)
-                statement = statement.order_by(col(Message.seq).desc()).limit(limit)
-            else:
-                statement = statement.where(
-                    col(Message.change_seq) > since_seq, col(Message.change_seq) <= last_seq
-                )
-                statement = statement.order_by(col(Message.change_seq)).limit(cap + 1)
-            rows = list((await db.exec(statement)).all())
-        if since_seq is None:
-            rows.reverse()
-        truncated = len(rows) > cap
-        return Snapshot([_public(m, u) for m, u in rows[:cap]], last_seq, truncated)
 
     async def send(
         self,
@@ -243,7 +176,7 @@ class MessageService:
         for message, author in rows:
             key = (message.author_id, message.client_id)
             if key in keyed:
-                found[key] = _public(message, author)
+                found[key] = message_public(message, author)
         return found
 
     async def _insert(self, db: AsyncSession, drafts: list[Draft]) -> list[Sent]:
@@ -326,7 +259,7 @@ class MessageService:
                 if original is None:
                     raise
                 return Sent(original, created=False)
-            public = _public(message, author)
+            public = message_public(message, author)
         return Sent(public, created=True)
 
     async def edit(self, user_id: str, room_id: str, seq: int, body: str) -> MessagePublic:
@@ -343,7 +276,7 @@ class MessageService:
             message.change_seq = change_seq
             message.edited_at = utcnow()
             db.add(message)
-            public = _public(message, await db.get_one(User, message.author_id))
+            public = message_public(message, await db.get_one(User, message.author_id))
             await db.commit()
         self._announce("message.updated", public)
         return public
@@ -365,7 +298,7 @@ class MessageService:
             message.deleted = True
             message.change_seq = change_seq
             db.add(message)
-            public = _public(message, await db.get_one(User, message.author_id))
+            public = message_public(message, await db.get_one(User, message.author_id))
             await db.commit()
         self._announce("message.deleted", public)
 
@@ -415,7 +348,7 @@ class MessageService:
                 "This client_id was already used for a message in another room",
                 code="client_id_reused",
             )
-        return _public(message, author)
+        return message_public(message, author)
 
     def _announce(self, event_type: EventType, message: MessagePublic) -> None:
         self._events.publish(
@@ -468,15 +401,6 @@ async def _denied(db: AsyncSession, drafts: list[Draft]) -> dict[int, DomainErro
     return denied
 
 
-def _with_authors(room_id: str) -> Any:
-    """A room's messages, each with its author row."""
-    return (
-        select(Message, User)
-        .join(User, col(User.id) == Message.author_id)
-        .where(col(Message.room_id) == room_id)
-    )
-
-
 async def _next_seq(db: AsyncSession, room_id: str) -> int:
     result = await db.exec(
         update(Room)
@@ -494,18 +418,3 @@ async def _message(db: AsyncSession, room_id: str, seq: int) -> Message:
     if message is None:
         raise NotFound("Message not found", code="message_not_found")
     return message
-
-
-def _public(message: Message, author: User) -> MessagePublic:
-    return MessagePublic(
-        id=message.id,
-        room_id=message.room_id,
-        seq=message.seq,
-        change_seq=message.change_seq,
-        author=user_summary(author),
-        body=message.body,
-        client_id=message.client_id,
-        created_at=message.created_at,
-        edited_at=message.edited_at,
-        deleted=message.deleted,
-    )

@@ -24,6 +24,7 @@ from chat_service.clock import utcnow
 from chat_service.domain.access import user_summary
 from chat_service.domain.accounts import AccountService, Principal
 from chat_service.domain.events import Event, EventSink
+from chat_service.domain.history import HistoryService
 from chat_service.domain.messages import MessageService, Sent
 from chat_service.domain.rooms import RoomService
 from chat_service.errors import (
@@ -80,6 +81,7 @@ class Gateway:
         accounts: AccountService,
         rooms: RoomService,
         messages: MessageService,
+        history: HistoryService,
         metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
@@ -94,6 +96,7 @@ class Gateway:
         self._accounts = accounts
         self._rooms = rooms
         self._messages = messages
+        self._history = history
         self._draining = False
         self._handlers: dict[str, Handler] = {
             "join": self._join,
@@ -400,7 +403,7 @@ class Gateway:
         self._hub.subscribe(connection, room_id)
         try:
             await self._fanout.watch(room_id)  # before the history read: no event slips by
-            snapshot = await self._messages.snapshot(
+            snapshot = await self._history.snapshot(
                 connection.user_id,
                 room_id,
                 since_seq=frame.since_seq,
