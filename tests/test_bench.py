@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from chat_service.bench.command import _options, build_parser
+from chat_service.bench.runner import Bench
 from tests.conftest import DEFAULT_SERVER_URL
 
 pytestmark = pytest.mark.backend_independent(suite="postgres")  # see tests/conftest.py
@@ -27,6 +30,9 @@ MEMBERS = 3
 RATES = (10.0, 20.0)
 DURATION_S = 0.5
 TARGETS = ("chat-service", "tutorial", "raw")
+SRC = Path(__file__).resolve().parents[1] / "src"
+# What the copy of src/ given to --source does when imported, so the test sees it ran.
+MARKER = "imported-from-the-copy"
 
 
 def run_bench(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -123,3 +129,61 @@ async def test_the_bench_database_is_dropped_afterwards(
     assert len(created) == 1, stderr[-2000:]
     assert f"dropped the bench database {created[0]}" in stderr
     assert not await database_exists(created[0])
+
+
+# --- --source: chat-service from other sources, alternated with ours ------------------------
+
+
+@pytest.fixture
+def other_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of our src/ that leaves a marker next to its package when imported."""
+    root = tmp_path_factory.mktemp("other")
+    shutil.copytree(SRC, root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    init = root / "src" / "chat_service" / "__init__.py"
+    init.write_text(
+        init.read_text() + f"\n__import__('pathlib').Path(__file__).with_name({MARKER!r}).touch()\n"
+    )
+    return root
+
+
+def test_each_source_adds_a_chat_service_target_after_those_chosen() -> None:
+    args = build_parser().parse_args(
+        ["fanout", "--targets", "chat-service,raw", "--source", f"before={SRC.parent}"]
+    )
+    specs = Bench(_options(args)).specs()
+    assert [(spec.name, spec.kind, spec.source) for spec in specs] == [
+        ("chat-service", "chat-service", None),
+        ("raw", "raw", None),
+        ("chat-service@before", "chat-service", SRC.parent),
+    ]
+
+
+# login-storm starts chat-service alone, so it runs once per round with each source: the
+# path that differs most from the alternation of --targets (the same launch serves both).
+def test_a_source_runs_alternated_with_ours_from_its_own_code(
+    tmp_path: Path, other_source: Path
+) -> None:
+    marker = other_source / "src" / "chat_service" / MARKER
+    result = run_bench(
+        tmp_path,
+        "login-storm",
+        *("--members", "3", "--senders", "1", "--rate", "10", "--logins-per-s", "5"),
+        *("--duration", "0.5", "--rounds", "1", "--targets", "chat-service"),
+        *("--source", f"copy={other_source}"),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert marker.exists(), "the server did not import the copy"
+    package = other_source.resolve() / "src" / "chat_service"
+    assert f"chat-service@copy runs chat_service from {package}" in result.stderr
+    assert f"chat-service runs chat_service from {SRC / 'chat_service'}" in result.stderr
+    report = json.loads((tmp_path / "login-storm.json").read_text())
+    steps = [step for step in report["steps"] if step["label"] != "warm-up"]
+    assert {step["target"] for step in steps} == {"chat-service", "chat-service@copy"}
+    for step in steps:
+        where = f"{step['target']} {step['label']}"
+        assert step["delivered"] == step["expected"] > 0, where
+        assert step["acks"] == step["sent"], where
+        if step["label"] == "storm":
+            assert step["extra"]["logins_ok"] == step["extra"]["logins_offered"] > 0, where
+    markdown = (tmp_path / "login-storm.md").read_text()
+    assert "| chat-service@copy | storm | 1 |" in markdown

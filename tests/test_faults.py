@@ -666,18 +666,23 @@ def _check_stored(senders: list[Sender], stored: list[asyncpg.Record]) -> list[s
 async def _check_resume(
     server: ServerProcess, users: list[User], senders: list[Sender], room: str, last_seq: int
 ) -> list[str]:
-    """Each sender reconnects and resumes after the last change it saw in order: with what
-    it saw live, it then has every stored change exactly once."""
+    """Each sender reconnects and resumes after the last change it saw in order (again
+    from the last change resumed while the reply is truncated, as the guide tells clients):
+    with what it saw live, it then has every stored change exactly once."""
     problems = []
     for user, sender in zip(users, senders, strict=True):
         live = sender.chat.seen(room)
         since = contiguous_prefix(live)
+        resumed: list[int] = []
         chat = await Chat.open(server, user.token, f"{sender.chat.name} resumed")
         try:
-            joined = await chat.join(room, since_seq=since)
+            while True:
+                joined = await chat.join(room, since_seq=resumed[-1] if resumed else since)
+                resumed += [m["change_seq"] for m in joined["messages"]]
+                if not joined["truncated"] or not joined["messages"]:
+                    break
         finally:
             await chat.close()
-        resumed = [m["change_seq"] for m in joined["messages"]]
         if resumed != sorted(set(resumed)) or any(seq <= since for seq in resumed):
             problems.append(f"{sender.chat.name}: resume after {since} gave {resumed}")
         if joined["last_seq"] != last_seq or joined["truncated"]:

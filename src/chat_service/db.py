@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,18 @@ log = logging.getLogger(__name__)
 
 SessionFactory = async_sessionmaker[AsyncSession]
 
+# A pooled connection idle longer than this is pinged before it is handed out.
+PING_AFTER_IDLE_S = 10.0
+
 
 def create_engine(settings: Settings) -> AsyncEngine:
     url = settings.resolved_database_url
     if url.startswith("sqlite"):
         return _sqlite_engine(url, settings)
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
-        pool_pre_ping=True,
         pool_timeout=settings.db_connect_timeout_s,
         connect_args={
             "command_timeout": settings.db_command_timeout_s,
@@ -35,6 +38,34 @@ def create_engine(settings: Settings) -> AsyncEngine:
             "server_settings": {"application_name": "chat-service"},
         },
     )
+    _ping_idle_connections(engine)
+    return engine
+
+
+def _ping_idle_connections(engine: AsyncEngine) -> None:
+    """Hand out no pooled connection that Postgres closed, without a round trip per checkout.
+
+    SQLAlchemy's pool_pre_ping checks every checkout at three round trips (BEGIN, ping,
+    ROLLBACK). A restarted or crashed server closes its sockets, which asyncpg notices by
+    itself while the connection sits in the pool, so a closed one is simply replaced; only a
+    connection idle for a long time (where a silent network failure may have cut it) is
+    pinged."""
+
+    @sa.event.listens_for(engine.sync_engine.pool, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["checked_in_at"] = time.monotonic()
+
+    @sa.event.listens_for(engine.sync_engine.pool, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if dbapi_connection.driver_connection.is_closed():
+            raise sa.exc.DisconnectionError("the server closed this pooled connection")
+        checked_in_at = record.info.get("checked_in_at")
+        if checked_in_at is None or time.monotonic() - checked_in_at < PING_AFTER_IDLE_S:
+            return
+        try:
+            dbapi_connection.ping()
+        except Exception as exc:  # the pool replaces it with a new connection
+            raise sa.exc.DisconnectionError("stale pooled connection") from exc
 
 
 def _make_sqlite_directory(url: str) -> None:
@@ -48,9 +79,7 @@ def _make_sqlite_directory(url: str) -> None:
 
 def _sqlite_engine(url: str, settings: Settings) -> AsyncEngine:
     _make_sqlite_directory(url)
-    engine = create_async_engine(
-        url, connect_args={"timeout": settings.db_command_timeout_s}, pool_pre_ping=True
-    )
+    engine = create_async_engine(url, connect_args={"timeout": settings.db_command_timeout_s})
 
     @sa.event.listens_for(engine.sync_engine, "connect")
     def _configure(dbapi_connection: Any, _record: Any) -> None:

@@ -8,13 +8,21 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chat_service.bench import report as rpt
 from chat_service.bench import scenarios as sc
 from chat_service.bench.report import ScenarioReport, add_profiles, write
 from chat_service.bench.runner import DEFAULT_ADMIN_DATABASE_URL, Bench, Options
-from chat_service.bench.servers import DEFAULT_BASELINES, TARGET_KINDS
+from chat_service.bench.servers import (
+    CHAT_SERVICE,
+    DEFAULT_BASELINES,
+    SOURCE_SEPARATOR,
+    TARGET_KINDS,
+)
+from chat_service.bench.stats import StepResult, median
 
 log = logging.getLogger("chat_service.bench")
 
@@ -23,6 +31,11 @@ Without --url the bench starts every target itself, alternating them round by ro
 (A B C A B C): chat-service on a fresh Postgres database it creates and migrates (dropped at
 the end), with the limits a load test needs raised (signups, logins, messages per user), and
 the baselines from bench/baselines/. The server runs on CPU 0, the generator on CPU 1.
+
+--source LABEL=DIR adds the target chat-service@LABEL: chat-service run from DIR/src (with
+PYTHONPATH, in this venv) on the same database and population, alternated with the others.
+history, login-storm and workers, which start chat-service alone, then run once per round
+with each chat-service in turn.
 
 With --url it drives that running instance instead; its operator must raise the same limits:
 SIGNUP_IP_LIMIT=1000000/hour LOGIN_IP_LIMIT=1000000/minute LOGIN_ACCOUNT_LIMIT=1000000/minute
@@ -46,6 +59,16 @@ def _env(text: str) -> tuple[str, str]:
     return name, value
 
 
+def _source(text: str) -> tuple[str, Path]:
+    label, sep, directory = text.partition("=")
+    if not sep or not label or any(c in label for c in f"{SOURCE_SEPARATOR},/ "):
+        raise argparse.ArgumentTypeError("expected LABEL=DIR, LABEL without @ , / or spaces")
+    root = Path(directory).expanduser().resolve()
+    if not (root / "src" / "chat_service" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(f"no chat_service package under {root}/src")
+    return label, root
+
+
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("targets and output")
@@ -55,6 +78,14 @@ def _common() -> argparse.ArgumentParser:
         "--targets",
         default=",".join(TARGET_KINDS),
         help=f"targets the bench starts, alternated (of {', '.join(TARGET_KINDS)})",
+    )
+    group.add_argument(
+        "--source",
+        type=_source,
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="also run chat-service from DIR/src, as target chat-service@LABEL (repeatable)",
     )
     group.add_argument("--url", help="drive this running instance instead (http://host:port)")
     group.add_argument(
@@ -177,7 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
 Scenario = Callable[[Bench], Coroutine[Any, Any, list[ScenarioReport]]]
 
 
+# The scenarios that pick their chat-service targets themselves rather than --targets.
+OWN_TARGETS = ("history", "login-storm", "workers")
+
+
 def _scenario(args: argparse.Namespace, command: list[str]) -> Scenario:
+    scenario = _scenario_of(args, command)
+    if args.source and args.scenario in OWN_TARGETS:
+        return _by_source(scenario)
+    return scenario
+
+
+def _scenario_of(args: argparse.Namespace, command: list[str]) -> Scenario:
     kind = args.scenario
     if kind == "fanout":
 
@@ -216,6 +258,110 @@ async def _one(report: Coroutine[Any, Any, ScenarioReport]) -> list[ScenarioRepo
     return [await report]
 
 
+@dataclass
+class _SourceRun:
+    round_no: int
+    label: str | None  # None: our code
+    report: ScenarioReport
+
+
+def _by_source(scenario: Scenario) -> Scenario:
+    """Each round, the scenario once with each chat-service (ours, then each --source): the
+    alternation the other scenarios get from --targets."""
+
+    async def run(bench: Bench) -> list[ScenarioReport]:
+        runs: list[_SourceRun] = []
+        for round_no in range(1, bench.options.rounds + 1):
+            for label in bench.chat_service_variants():
+                with bench.from_source(label):
+                    [report] = await scenario(bench)
+                runs.append(_SourceRun(round_no, label, report))
+                _keep_charts(runs[-1], bench.options.out)
+        return [_merged(runs)]
+
+    return run
+
+
+def _keep_charts(run: _SourceRun, out: Path) -> None:
+    """Rename the run's charts before the next run draws over them."""
+    renamed = []
+    for name in run.report.charts:
+        path = out / name
+        new = path.with_stem(f"{path.stem}-{run.label or 'ours'}-{run.round_no}")
+        path.replace(new)
+        renamed.append(new.name)
+    run.report.charts = renamed
+
+
+def _merged(runs: list[_SourceRun]) -> ScenarioReport:
+    first = runs[0].report
+    merged = ScenarioReport(
+        scenario=first.scenario,
+        title=first.title,
+        config=first.config,
+        command=first.command,
+        machine=first.machine,
+        started_at=first.started_at,
+    )
+    merged.sections += [
+        "Each round ran the scenario once with each chat-service in turn, each on a fresh "
+        "server: ours, then each `--source`.",
+        "",
+    ]
+    for run in runs:
+        for step in run.report.steps:
+            step.round = run.round_no if step.round else 0  # 0: login-storm's warm-up
+        merged.steps += run.report.steps
+        merged.charts += run.report.charts
+        merged.summary.setdefault("runs", []).append(
+            {"round": run.round_no, "source": run.label, "summary": run.report.summary}
+        )
+    if merged.steps:
+        merged.sections += ["Medians over rounds:", "", _step_medians(merged.steps)]
+    for run in runs:
+        source = "our code" if run.label is None else f"--source {run.label}"
+        merged.sections += [f"### Round {run.round_no}, {source}", "", *run.report.sections]
+    return merged
+
+
+def _step_medians(steps: list[StepResult]) -> str:
+    """Per target and step: the medians of the latencies, losses, CPU and numeric extras."""
+    groups: dict[tuple[str, str], list[StepResult]] = {}
+    for step in steps:
+        if step.label != "warm-up":
+            groups.setdefault((step.target, step.label), []).append(step)
+    extras = [
+        key
+        for key in dict.fromkeys(k for s in steps for k in s.extra)
+        if all(_number(s.extra.get(key, 0)) for s in steps)
+    ]
+    percentiles = ("p50", "p99", "max")
+    header = ["target", "step", "runs", *(f"{p} ms" for p in percentiles)]
+    header += ["lost", "server CPU", *extras]
+    rows = []
+    for (target, label), group in groups.items():
+        latency = [
+            rpt.fmt(median(getattr(s.latency_ms, p) if s.latency_ms else None for s in group))
+            for p in percentiles
+        ]
+        rows.append(
+            [
+                target,
+                label,
+                str(len(group)),
+                *latency,
+                rpt.fmt(median(s.lost for s in group), 0),
+                rpt.fmt(median(s.server_cpu for s in group), 2),
+                *(rpt.fmt(median(s.extra.get(key) for s in group), 1) for key in extras),
+            ]
+        )
+    return rpt.table(header, rows)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _options(args: argparse.Namespace) -> Options:
     pin = not args.no_pin and (os.cpu_count() or 1) >= 2
     if not args.no_pin and not pin:
@@ -224,6 +370,12 @@ def _options(args: argparse.Namespace) -> Options:
     unknown = set(targets) - set(TARGET_KINDS)
     if unknown:
         raise SystemExit(f"unknown targets: {', '.join(sorted(unknown))}")
+    sources = dict(args.source)
+    if len(sources) < len(args.source):
+        raise SystemExit("--source: each LABEL once")
+    if sources and args.url:
+        raise SystemExit("--source runs servers the bench starts: not with --url")
+    targets += tuple(f"{CHAT_SERVICE}{SOURCE_SEPARATOR}{label}" for label in sources)
     return Options(
         out=args.out,
         rounds=args.rounds,
@@ -241,6 +393,7 @@ def _options(args: argparse.Namespace) -> Options:
         profile=args.profile,
         private_postgres=args.private_postgres,
         py_spy=args.py_spy,
+        sources=sources,
     )
 
 

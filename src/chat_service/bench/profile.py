@@ -57,7 +57,7 @@ ACTIVITIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     for name, pattern in (
         ("database (SQLAlchemy, asyncpg, domain queries)", r"\((sqlalchemy|sqlmodel|asyncpg)/"),
         ("passwords and tokens (argon2, JWT)", r"\((passlib|argon2|jose|cryptography)/"),
-        ("rate limiter (limits)", r"\(limits/"),
+        ("rate limiter", r"\(limits/|chat_service/ratelimit\.py"),
         ("WebSocket send (writer task, ASGI send chain)", r"run_writer|Protocol\.send \("),
         ("WebSocket handshake and receive", r"data_received|Gateway\.(_receive|serve)|handshake"),
         ("hub and fan-out", r"chat_service/realtime/(hub|fanout)\.py"),

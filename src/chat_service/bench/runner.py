@@ -7,13 +7,14 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 
+import chat_service
 from chat_service.bench import profile
 from chat_service.bench.accounts import Population, Protocol
 from chat_service.bench.proc import CpuMeter, pin_self, raise_file_limit
@@ -21,12 +22,15 @@ from chat_service.bench.servers import (
     BENCH_SERVER_ENV,
     CHAT_SERVICE,
     DEFAULT_BASELINES,
+    SOURCE_SEPARATOR,
     Server,
     baseline_command,
     bench_database,
     chat_service_command,
     free_port,
+    imported_from,
     private_postgres,
+    source_path,
     start_server,
     stop_server,
 )
@@ -56,6 +60,8 @@ class Options:
     profile: bool = False
     private_postgres: bool = False
     py_spy: str = "py-spy"
+    # --source LABEL=DIR: chat-service run from DIR/src too, as target chat-service@LABEL.
+    sources: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class TargetSpec:
     workers: int = 1
     env: tuple[tuple[str, str], ...] = ()
     pinned: bool = True
+    source: Path | None = None  # a checkout whose src/ the server runs instead of ours
 
     @property
     def protocol(self) -> Protocol:
@@ -115,6 +122,7 @@ class Bench:
         self.infra_pids: dict[str, int] = {}
         self._stack = contextlib.AsyncExitStack()
         self._database_url: str | None = None
+        self._source_label: str | None = None  # see from_source()
 
     async def __aenter__(self) -> Bench:
         self.options.out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +160,38 @@ class Bench:
         if self.options.url is not None:
             return [TargetSpec(name=self.options.url, kind="external", pinned=False)]
         wanted = kinds if kinds is not None else self.options.targets
-        return [TargetSpec(name=kind, kind=kind) for kind in wanted]
+        return [self._spec(name) for name in wanted]
+
+    def _spec(self, name: str) -> TargetSpec:
+        kind, _, label = name.partition(SOURCE_SEPARATOR)
+        if not label:
+            return TargetSpec(name=name, kind=kind)
+        return TargetSpec(name=name, kind=kind, source=self.options.sources[label])
+
+    def chat_service_variants(self) -> list[str | None]:
+        """Our code (None), then the label of each --source."""
+        return [None, *self.options.sources]
+
+    @contextlib.contextmanager
+    def from_source(self, label: str | None) -> Iterator[None]:
+        """One round in which every chat-service the scenario starts runs the sources of
+        --source `label` (None: ours), named NAME@LABEL: how the scenarios that keep their
+        own targets (history, login-storm, workers) compare sources, round by round."""
+        saved = self.options
+        self.options = replace(saved, rounds=1)
+        self._source_label = label
+        try:
+            yield
+        finally:
+            self.options = saved
+            self._source_label = None
+
+    def _with_source(self, spec: TargetSpec) -> TargetSpec:
+        label = self._source_label
+        if label is None or spec.kind != CHAT_SERVICE or spec.source is not None:
+            return spec
+        name = f"{spec.name}{SOURCE_SEPARATOR}{label}"
+        return replace(spec, name=name, source=self.options.sources[label])
 
     def population(self, live: Live) -> Population:
         """chat-service runs share one database, so their users and rooms are made once."""
@@ -198,6 +237,7 @@ class Bench:
                 None,
             )
             return
+        spec = self._with_source(spec)
         port = free_port()
         workdir = options.out / "servers"
         if spec.kind == CHAT_SERVICE:
@@ -211,6 +251,8 @@ class Bench:
                 **options.server_env,
                 **extra_env,
             }
+            if spec.source is not None:
+                env["PYTHONPATH"] = source_path(spec.source, env)
             command = chat_service_command(port, spec.workers)
         else:
             env = dict(options.server_env)
@@ -219,10 +261,21 @@ class Bench:
         cpus = options.server_cpus if spec.pinned else None
         try:
             if spec.kind == CHAT_SERVICE:
+                _check_source(spec, server)
                 await _wait_healthy(f"http://127.0.0.1:{port}")
             yield Live(spec, spec.protocol, "127.0.0.1", port, server.pid, server, cpus)
         finally:
             await stop_server(server)
+
+
+def _check_source(spec: TargetSpec, server: Server) -> None:
+    """The server runs the code it was meant to: --source's, or ours."""
+    package = imported_from(server)
+    log.info("%s runs chat_service from %s", spec.name, package)
+    ours = Path(chat_service.__file__).parent
+    wanted = (spec.source / "src" / "chat_service" if spec.source else ours).resolve()
+    if package is None or package.resolve() != wanted:
+        raise RuntimeError(f"{spec.name} runs chat_service from {package}, not {wanted}")
 
 
 async def _wait_healthy(base_url: str, timeout_s: float = 60.0) -> None:

@@ -32,6 +32,8 @@ DEFAULT_BASELINES = Path(__file__).resolve().parents[3] / "bench" / "baselines"
 BASELINE_SCRIPTS = {"tutorial": "tutorial.py", "raw": "raw_ws.py"}
 CHAT_SERVICE = "chat-service"
 TARGET_KINDS = (CHAT_SERVICE, *BASELINE_SCRIPTS)
+SOURCE_SEPARATOR = "@"  # chat-service@LABEL: chat-service run from other sources
+IMPORTED_FROM = "chat_service imported from"
 ALL_CPUS = os.sched_getaffinity(0)  # at import, before the generator pins itself
 
 # The settings a load test needs: the defaults protect a real deployment from one client
@@ -158,11 +160,20 @@ async def stop_server(server: Server, timeout_s: float = 10.0) -> None:
     log.info("stopped %s in %.1f s", server.name, took)
 
 
+# `python -m chat_service` that first logs where the package was imported from, so a run
+# of other sources (--source) can prove from the server process itself which code it ran.
+_LAUNCHER = (
+    "import runpy, sys, chat_service; "
+    f"print({IMPORTED_FROM!r}, chat_service.__file__, file=sys.stderr, flush=True); "
+    "runpy.run_module('chat_service', run_name='__main__', alter_sys=True)"
+)
+
+
 def chat_service_command(port: int, workers: int = 1) -> list[str]:
     return [
         sys.executable,
-        "-m",
-        "chat_service",
+        "-c",
+        _LAUNCHER,
         "serve",
         "--host",
         "127.0.0.1",
@@ -171,6 +182,21 @@ def chat_service_command(port: int, workers: int = 1) -> list[str]:
         "--workers",
         str(workers),
     ]
+
+
+def imported_from(server: Server) -> Path | None:
+    """The chat_service package the server runs, from the line its launcher logged (the
+    last one: a log file of the same name and port from an earlier run is appended to)."""
+    for line in reversed(server.log_path.read_text(errors="replace").splitlines()):
+        if line.startswith(IMPORTED_FROM):
+            return Path(line.removeprefix(IMPORTED_FROM).strip()).parent
+    return None
+
+
+def source_path(source: Path, env: Mapping[str, str]) -> str:
+    """PYTHONPATH that puts `source`/src ahead of the venv's own chat_service."""
+    path = env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    return os.pathsep.join(p for p in (str(source / "src"), path) if p)
 
 
 def baseline_command(kind: str, port: int, baselines: Path) -> list[str]:

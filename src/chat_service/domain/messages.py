@@ -18,15 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
 from limits import RateLimitItemPerSecond
-from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlmodel import SQLModel, col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from chat_service.clock import utcnow
 from chat_service.db import SessionFactory
-from chat_service.domain.access import OWNER, PUBLIC, RoomNotFound, room_access, user_summary
+from chat_service.domain.access import OWNER, PUBLIC, RoomNotFound, room_access
 from chat_service.domain.events import Event, EventSink, EventType
 from chat_service.domain.group_commit import GroupCommit
 from chat_service.domain.history import message_public
@@ -34,7 +35,7 @@ from chat_service.errors import Conflict, DomainError, Forbidden, InvalidInput, 
 from chat_service.ids import new_id
 from chat_service.models import Membership, Message, Room, User
 from chat_service.ratelimit import RateLimiter, Rule
-from chat_service.schemas import MessagePublic
+from chat_service.schemas import MessagePublic, UserSummary
 from chat_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,8 @@ class MessageService:
         outcomes: list[_Pending] = [None] * len(drafts)
         try:
             async with self._sessions() as db:
-                fresh = await self._fresh_drafts(db, drafts, outcomes)
-                stored = await self._insert(db, [drafts[i] for i in fresh])
+                fresh, authors = await self._fresh_drafts(db, drafts, outcomes)
+                stored = await self._insert(db, [drafts[i] for i in fresh], authors)
                 await db.commit()
         except IntegrityError:
             # A client_id committed concurrently by another transaction (another worker):
@@ -132,12 +133,15 @@ class MessageService:
 
     async def _fresh_drafts(
         self, db: AsyncSession, drafts: list[Draft], outcomes: list[_Pending]
-    ) -> list[int]:
+    ) -> tuple[list[int], dict[str, UserSummary]]:
         """Settle the drafts that store nothing (no access, a resend, over the rate limit)
-        in `outcomes`; return the indexes of those to store. Only resends are free: sends
-        refused for access count against the rate limit too (each costs queries)."""
-        denied = await _denied(db, drafts)
-        originals = await self._originals(db, drafts)
+        in `outcomes`; return the indexes of those to store, and their authors. Only resends
+        are free: sends refused for access count against the rate limit too (each costs
+        queries)."""
+        connection = await db.connection()
+        members = await _member_authors(connection, drafts)
+        denied = await _denied(connection, drafts, members)
+        originals = await _originals(connection, drafts)
         first_of: dict[tuple[str, str], int] = {}
         fresh: list[int] = []
         for index, draft in enumerate(drafts):
@@ -155,50 +159,16 @@ class MessageService:
                 if key is not None:
                     first_of[key] = index
                 fresh.append(index)
-        return fresh
+        return fresh, {user_id: author for (_, user_id), author in members.items()}
 
-    async def _originals(
-        self, db: AsyncSession, drafts: list[Draft]
-    ) -> dict[tuple[str, str], MessagePublic]:
-        """Messages already stored under the drafts' (author, client_id)."""
-        keyed = {(d.user_id, d.client_id) for d in drafts if d.client_id is not None}
-        if not keyed:
-            return {}
-        rows = await db.exec(
-            select(Message, User)
-            .join(User, col(User.id) == Message.author_id)
-            .where(
-                col(Message.author_id).in_({user for user, _ in keyed}),
-                col(Message.client_id).in_({client for _, client in keyed}),
-            )
-        )
-        found = {}
-        for message, author in rows:
-            key = (message.author_id, message.client_id)
-            if key in keyed:
-                found[key] = message_public(message, author)
-        return found
-
-    async def _insert(self, db: AsyncSession, drafts: list[Draft]) -> list[Sent]:
-        """Number the drafts room by room (rooms locked in id order) and store them."""
+    async def _insert(
+        self, db: AsyncSession, drafts: list[Draft], authors: dict[str, UserSummary]
+    ) -> list[Sent]:
+        """Number the drafts room by room and store them."""
         if not drafts:
             return []
-        counts = Counter(draft.room_id for draft in drafts)
-        next_seq: dict[str, int] = {}
-        for room_id in sorted(counts):
-            result = await db.exec(
-                update(Room)
-                .where(col(Room.id) == room_id)
-                .values(last_seq=col(Room.last_seq) + counts[room_id])
-                .returning(col(Room.last_seq))
-            )
-            next_seq[room_id] = int(result.scalar_one()) - counts[room_id] + 1
-        authors = {
-            user.id: user_summary(user)
-            for user in await db.exec(
-                select(User).where(col(User.id).in_({d.user_id for d in drafts}))
-            )
-        }
+        connection = await db.connection()
+        next_seq = await _take_seqs(connection, Counter(draft.room_id for draft in drafts))
         now = utcnow()
         rows: list[dict[str, Any]] = []
         for draft in drafts:
@@ -218,10 +188,9 @@ class MessageService:
                     "deleted": False,
                 }
             )
-        connection = await db.connection()  # executemany, below the ORM: rows, not objects
-        await connection.execute(insert(Message), rows)
+        await connection.execute(INSERT_MESSAGES, rows)
         return [
-            Sent(MessagePublic(**row, author=authors[str(row["author_id"])]), created=True)
+            Sent(MessagePublic(**row, author=authors[row["author_id"]]), created=True)
             for row in rows
         ]
 
@@ -374,31 +343,148 @@ def _resend(original: MessagePublic, room_id: str) -> Sent | BaseException:
     return Sent(original, created=False)  # a resend costs no rate budget
 
 
-async def _denied(db: AsyncSession, drafts: list[Draft]) -> dict[int, DomainError]:
-    """The drafts whose author may not post in their room, with the error room_access gives."""
-    room_ids = {d.room_id for d in drafts}
-    visibility = dict(
-        (await db.exec(select(Room.id, Room.visibility).where(col(Room.id).in_(room_ids)))).all()
+# The batch path works on tables, below the ORM (plain rows, no identity map), with its
+# statements built once: a send is the hottest path of the service.
+USERS = sa.table("users", sa.column("id"), sa.column("username"), sa.column("display_name"))
+ROOMS = sa.table("rooms", sa.column("id"), sa.column("visibility"), sa.column("last_seq"))
+MEMBERSHIPS = sa.table("memberships", sa.column("room_id"), sa.column("user_id"))
+MESSAGES = SQLModel.metadata.tables["messages"]
+ROOM_IDS: sa.BindParameter[list[str]] = sa.bindparam("room_ids", expanding=True)
+USER_IDS: sa.BindParameter[list[str]] = sa.bindparam("user_ids", expanding=True)
+
+SELECT_MEMBER_AUTHORS = (
+    sa.select(MEMBERSHIPS.c.room_id, USERS.c.id, USERS.c.username, USERS.c.display_name)
+    .join(USERS, USERS.c.id == MEMBERSHIPS.c.user_id)
+    .where(MEMBERSHIPS.c.room_id.in_(ROOM_IDS), MEMBERSHIPS.c.user_id.in_(USER_IDS))
+)
+SELECT_VISIBILITY = sa.select(ROOMS.c.id, ROOMS.c.visibility).where(ROOMS.c.id.in_(ROOM_IDS))
+SELECT_ORIGINALS = (
+    sa.select(MESSAGES, USERS.c.username, USERS.c.display_name)
+    .join(USERS, USERS.c.id == MESSAGES.c.author_id)
+    .where(
+        MESSAGES.c.author_id.in_(USER_IDS),
+        MESSAGES.c.client_id.in_(sa.bindparam("client_ids", expanding=True)),
     )
-    members = set(
+)
+LOCK_ROOMS = (
+    sa.select(ROOMS.c.id).where(ROOMS.c.id.in_(ROOM_IDS)).order_by(ROOMS.c.id).with_for_update()
+)
+TAKE_SEQS_IN_ONE_ROOM = (
+    sa.update(ROOMS)
+    .where(ROOMS.c.id == sa.bindparam("room_id"))
+    .values(last_seq=ROOMS.c.last_seq + sa.bindparam("count"))
+    .returning(ROOMS.c.id, ROOMS.c.last_seq)
+)
+INSERT_MESSAGES = sa.insert(MESSAGES)
+
+
+async def _member_authors(
+    connection: AsyncConnection, drafts: list[Draft]
+) -> dict[tuple[str, str], UserSummary]:
+    """(room id, user id) -> the author, for the drafts whose author is in their room."""
+    rows = await connection.execute(
+        SELECT_MEMBER_AUTHORS,
+        {
+            "room_ids": list({d.room_id for d in drafts}),
+            "user_ids": list({d.user_id for d in drafts}),
+        },
+    )
+    return {
+        (room_id, user_id): UserSummary(id=user_id, username=username, display_name=display_name)
+        for room_id, user_id, username, display_name in rows
+    }
+
+
+async def _denied(
+    connection: AsyncConnection,
+    drafts: list[Draft],
+    members: dict[tuple[str, str], UserSummary],
+) -> dict[int, DomainError]:
+    """The drafts whose author may not post in their room, with the error room_access gives."""
+    outsiders = {
+        index: draft
+        for index, draft in enumerate(drafts)
+        if (draft.room_id, draft.user_id) not in members
+    }
+    if not outsiders:
+        return {}
+    visibility = dict(
         (
-            await db.exec(
-                select(Membership.room_id, Membership.user_id).where(
-                    col(Membership.room_id).in_(room_ids),
-                    col(Membership.user_id).in_({d.user_id for d in drafts}),
-                )
+            await connection.execute(
+                SELECT_VISIBILITY, {"room_ids": list({d.room_id for d in outsiders.values()})}
             )
         ).all()
     )
-    denied: dict[int, DomainError] = {}
-    for index, draft in enumerate(drafts):
-        if (draft.room_id, draft.user_id) in members:
-            continue
-        if visibility.get(draft.room_id) != PUBLIC:
-            denied[index] = RoomNotFound()
-        else:
-            denied[index] = Forbidden("Join this room first", code="not_member")
-    return denied
+    return {
+        index: (
+            Forbidden("Join this room first", code="not_member")
+            if visibility.get(draft.room_id) == PUBLIC
+            else RoomNotFound()
+        )
+        for index, draft in outsiders.items()
+    }
+
+
+async def _originals(
+    connection: AsyncConnection, drafts: list[Draft]
+) -> dict[tuple[str, str], MessagePublic]:
+    """Messages already stored under the drafts' (author, client_id)."""
+    keyed = {(d.user_id, d.client_id) for d in drafts if d.client_id is not None}
+    if not keyed:
+        return {}
+    rows = await connection.execute(
+        SELECT_ORIGINALS,
+        {
+            "user_ids": list({user for user, _ in keyed}),
+            "client_ids": list({client for _, client in keyed}),
+        },
+    )
+    found = {}
+    for row in rows.mappings():
+        key = (row["author_id"], row["client_id"])
+        if key in keyed:
+            found[key] = _public_row(row)
+    return found
+
+
+async def _take_seqs(connection: AsyncConnection, counts: Counter[str]) -> dict[str, int]:
+    """Reserve `counts[room]` seqs in each room: room id -> the first of them.
+
+    The rooms' rows stay locked until commit. On Postgres, a batch over several rooms locks
+    them in id order first, so that two batches (two workers) cannot deadlock."""
+    room_ids = sorted(counts)
+    if len(room_ids) == 1:
+        result = await connection.execute(
+            TAKE_SEQS_IN_ONE_ROOM, {"room_id": room_ids[0], "count": counts[room_ids[0]]}
+        )
+    else:
+        if connection.dialect.name == "postgresql":
+            await connection.execute(LOCK_ROOMS, {"room_ids": room_ids})
+        added = sa.case({room_id: counts[room_id] for room_id in room_ids}, value=ROOMS.c.id)
+        result = await connection.execute(
+            sa.update(ROOMS)
+            .where(ROOMS.c.id.in_(room_ids))
+            .values(last_seq=ROOMS.c.last_seq + added)
+            .returning(ROOMS.c.id, ROOMS.c.last_seq)
+        )
+    return {room_id: last_seq - counts[room_id] + 1 for room_id, last_seq in result}
+
+
+def _public_row(row: Any) -> MessagePublic:
+    return MessagePublic(
+        id=row["id"],
+        room_id=row["room_id"],
+        seq=row["seq"],
+        change_seq=row["change_seq"],
+        author=UserSummary(
+            id=row["author_id"], username=row["username"], display_name=row["display_name"]
+        ),
+        body=row["body"],
+        client_id=row["client_id"],
+        created_at=row["created_at"],
+        edited_at=row["edited_at"],
+        deleted=row["deleted"],
+    )
 
 
 async def _next_seq(db: AsyncSession, room_id: str) -> int:

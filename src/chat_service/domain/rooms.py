@@ -7,13 +7,23 @@ import binascii
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import and_, col, delete, func, or_, select
+from sqlmodel import SQLModel, and_, col, delete, func, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from chat_service.db import SessionFactory
-from chat_service.domain.access import MEMBER, OWNER, PUBLIC, RoomAccess, room_access, user_summary
+from chat_service.domain.access import (
+    MEMBER,
+    OWNER,
+    PUBLIC,
+    RoomAccess,
+    RoomNotFound,
+    room_access,
+    user_summary,
+)
 from chat_service.domain.events import Event, EventSink
+from chat_service.domain.history import read_only_options
 from chat_service.errors import Conflict, InvalidInput, NotFound
 from chat_service.models import Membership, Message, Room, User
 from chat_service.schemas import (
@@ -25,6 +35,7 @@ from chat_service.schemas import (
     RoomPage,
     RoomPublic,
     RoomUpdate,
+    UserSummary,
 )
 
 
@@ -147,11 +158,24 @@ class RoomService:
         self._events.publish(Event("room.deleted", {"room_id": room_id}, room_id=room_id))
 
     async def join(self, user_id: str, room_id: str) -> MembershipPublic:
-        """Become a member of a public room; joining again changes nothing."""
+        """Become a member of a public room; joining again changes nothing. A WebSocket join
+        comes here every time: for a member, one read and no write."""
         async with self._sessions() as db:
-            access = await room_access(db, room_id, user_id)
-            if access.membership is None:
-                await _insert_membership(db, room_id, user_id)
+            connection = await db.connection(execution_options=read_only_options(db))
+            params = {"room_id": room_id, "user_id": user_id}
+            row = (await connection.execute(SELECT_MY_JOIN, params)).first()
+        if row is None or (row.role is None and row.visibility != PUBLIC):
+            raise RoomNotFound()
+        if row.role is not None:
+            return MembershipPublic(
+                room_id=room_id,
+                user=UserSummary(id=user_id, username=row.username, display_name=row.display_name),
+                role=row.role,
+                joined_at=row.joined_at,
+                last_read_seq=row.last_read_seq,
+            )
+        async with self._sessions() as db:
+            await _insert_membership(db, room_id, user_id)
             return await _membership_public(db, room_id, user_id)
 
     async def leave(self, user_id: str, room_id: str) -> None:
@@ -227,6 +251,32 @@ class RoomService:
                 user_id=user_id,
             )
         )
+
+
+_ROOMS = SQLModel.metadata.tables["rooms"]
+_MEMBERSHIPS = SQLModel.metadata.tables["memberships"]
+_USERS = SQLModel.metadata.tables["users"]
+# The room's visibility, and my membership with my user (NULLs when I am not a member).
+SELECT_MY_JOIN = (
+    sa.select(
+        _ROOMS.c.visibility,
+        _MEMBERSHIPS.c.role,
+        _MEMBERSHIPS.c.joined_at,
+        _MEMBERSHIPS.c.last_read_seq,
+        _USERS.c.username,
+        _USERS.c.display_name,
+    )
+    .select_from(
+        _ROOMS.outerjoin(
+            _MEMBERSHIPS,
+            sa.and_(
+                _MEMBERSHIPS.c.room_id == _ROOMS.c.id,
+                _MEMBERSHIPS.c.user_id == sa.bindparam("user_id"),
+            ),
+        ).outerjoin(_USERS, _USERS.c.id == _MEMBERSHIPS.c.user_id)
+    )
+    .where(_ROOMS.c.id == sa.bindparam("room_id"))
+)
 
 
 async def _insert_membership(db: AsyncSession, room_id: str, user_id: str) -> bool:

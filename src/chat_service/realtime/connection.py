@@ -68,16 +68,20 @@ class Connection:
         self.rooms: set[str] = set()
         # Rooms whose `joined` is not out yet: their live events wait here (see Hub.deliver).
         self.joining: dict[str, list[tuple[int | None, Outbound]]] = {}
-        self.credentials_changed = asyncio.Event()
+        # The access token's expiry: a timer (the gateway's), not a task per connection.
+        self.expiry_timer: asyncio.TimerHandle | None = None
+        self.expiry_warned_for: datetime | None = None
         self.dropped_frames = 0
         self.refused_sends: deque[float] = deque()  # when sends were rate-limited (flooding)
         self._max_frames = max_frames
         self._max_bytes = max_bytes
         self._queue: deque[Outbound] = deque()
         self._queued_bytes = 0
-        self._wakeup = asyncio.Event()
+        # Set while the writer waits for frames (a bare future: cheaper than an Event, and
+        # woken once per frame in a fan-out).
+        self._wakeup: asyncio.Future[None] | None = None
         self._close: CloseRequest | None = None
-        self.close_requested = asyncio.Event()
+        self.close_requested: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
     def user_id(self) -> str:
@@ -129,16 +133,16 @@ class Connection:
             if not flush:
                 self._queue.clear()
                 self._queued_bytes = 0
-            self._wakeup.set()
-            self.close_requested.set()
+            self._wake_writer()
+            self.close_requested.set_result(None)
 
     async def run_writer(self) -> None:
         """Drain the queue onto the socket; then close it if a close was asked for."""
         try:
             while True:
                 while not self._queue and self._close is None:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+                    self._wakeup = asyncio.get_running_loop().create_future()
+                    await self._wakeup
                 if not self._queue:
                     break
                 frame = self._queue.popleft()
@@ -171,7 +175,11 @@ class Connection:
     def _push(self, frame: Outbound) -> None:
         self._queue.append(frame)
         self._queued_bytes += frame.size
-        self._wakeup.set()
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     def _evict_droppable(self) -> None:
         kept = deque(frame for frame in self._queue if not frame.droppable)

@@ -1,8 +1,9 @@
 """The WebSocket gateway: handshake authentication, the frame handlers, and connection life.
 
-A connection is three tasks: this handler's receive loop, the connection's writer, and an
-expiry watch. The handler returns when the client goes, the writer has closed the socket, or
-a close it asked for could not be delivered in time (a reader that stopped reading).
+A connection is three tasks: the ASGI handler, which waits for the other two, the receive
+loop and the connection's writer (the token's expiry is a timer). The handler returns when
+the client goes, the writer has closed the socket, or a close it asked for could not be
+delivered in time (a reader that stopped reading).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Any
 
 import orjson
@@ -43,7 +43,6 @@ from chat_service.realtime.connection import CLOSE_TIMEOUT_S, Connection, Outbou
 from chat_service.realtime.fanout import Fanout
 from chat_service.realtime.hub import Hub
 from chat_service.realtime.presence import LocalPresence
-from chat_service.schemas import MessagePublic
 from chat_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -171,13 +170,10 @@ class Gateway:
         receiver = asyncio.create_task(
             self._receive(connection, room_id), name=f"ws-receiver-{connection.id}"
         )
-        expiry = asyncio.create_task(
-            self._watch_expiry(connection), name=f"ws-expiry-{connection.id}"
-        )
-        closing = asyncio.create_task(connection.close_requested.wait())
+        self._arm_expiry(connection)
         try:
             done, _ = await asyncio.wait(
-                {writer, receiver, closing}, return_when=asyncio.FIRST_COMPLETED
+                {writer, receiver, connection.close_requested}, return_when=asyncio.FIRST_COMPLETED
             )
             if writer not in done and connection.is_closing:
                 # Closing: out of the room at once, whatever the socket does from here on.
@@ -190,9 +186,11 @@ class Gateway:
                 if not finished:
                     await connection.abort_writer(writer)
         finally:
-            for task in (writer, receiver, expiry, closing):
+            if connection.expiry_timer is not None:
+                connection.expiry_timer.cancel()
+            for task in (writer, receiver):
                 task.cancel()
-            await asyncio.gather(writer, receiver, expiry, closing, return_exceptions=True)
+            await asyncio.gather(writer, receiver, return_exceptions=True)
 
     async def _receive(self, connection: Connection, room_id: str | None) -> None:
         try:
@@ -232,23 +230,26 @@ class Gateway:
             return False
         return True
 
-    async def _watch_expiry(self, connection: Connection) -> None:
-        warned_for: datetime | None = None
-        while True:
-            remaining = (connection.expires_at - utcnow()).total_seconds()
-            if remaining <= 0:
-                connection.close(4401, "access token expired")
-                return
-            if warned_for != connection.expires_at and remaining <= EXPIRING_NOTICE_S:
-                frame = frames.AuthExpiring(expires_at=connection.expires_at)
-                connection.offer(Outbound(frame.encode()))
-                warned_for = connection.expires_at
-            wait = (
-                remaining if warned_for == connection.expires_at else remaining - EXPIRING_NOTICE_S
-            )
-            connection.credentials_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(connection.credentials_changed.wait(), wait)
+    def _arm_expiry(self, connection: Connection) -> None:
+        """Warn EXPIRING_NOTICE_S before the access token expires and close 4401 when it
+        does; called again by the timer it sets, and by `auth.refresh`."""
+        if connection.expiry_timer is not None:
+            connection.expiry_timer.cancel()
+            connection.expiry_timer = None
+        remaining = (connection.expires_at - utcnow()).total_seconds()
+        if remaining <= 0:
+            connection.close(4401, "access token expired")
+            return
+        warned = connection.expiry_warned_for == connection.expires_at
+        if not warned and remaining <= EXPIRING_NOTICE_S:
+            frame = frames.AuthExpiring(expires_at=connection.expires_at)
+            connection.offer(Outbound(frame.encode()))
+            connection.expiry_warned_for = connection.expires_at
+            warned = True
+        wait = remaining if warned else remaining - EXPIRING_NOTICE_S
+        connection.expiry_timer = asyncio.get_running_loop().call_later(
+            wait, self._arm_expiry, connection
+        )
 
     async def drain(self, timeout_s: float) -> None:
         """Shutdown: flush every connection's queue and close it 1012, within `timeout_s`."""
@@ -422,15 +423,18 @@ class Gateway:
             self._settings.outbound_queue_bytes // 2,
             keep_newest=frame.since_seq is None,
         )
-        joined = frames.Joined(
-            ref=frame.ref,
-            room_id=room_id,
-            messages=messages,
-            last_seq=snapshot.last_seq,
-            truncated=snapshot.truncated or cut,
-            online=online,
-        )
-        connection.offer(Outbound(joined.encode()))
+        # frames.Joined, written straight from plain values: each message encoded once.
+        joined: dict[str, Any] = {"type": "joined"}
+        if frame.ref is not None:
+            joined["ref"] = frame.ref
+        joined |= {
+            "room_id": room_id,
+            "messages": messages,
+            "last_seq": snapshot.last_seq,
+            "truncated": snapshot.truncated or cut,
+            "online": [user.model_dump() for user in online],
+        }
+        connection.offer(Outbound(frames.encode(joined)))
         self._hub.finish_join(connection, room_id, snapshot.last_seq)
 
     async def _leave(self, connection: Connection, frame: frames.Leave) -> None:
@@ -485,23 +489,25 @@ class Gateway:
             raise Forbidden("The new token belongs to another user")
         connection.expires_at = principal.expires_at
         self._hub.move_session(connection, principal.session_id)
-        connection.credentials_changed.set()
         reply = frames.AuthRefreshed(ref=frame.ref, expires_at=principal.expires_at)
         connection.offer(Outbound(reply.encode()))
+        self._arm_expiry(connection)  # after the reply: a new notice follows it
 
 
 def _fit(
-    messages: list[MessagePublic], budget: int, *, keep_newest: bool
-) -> tuple[list[MessagePublic], bool]:
-    """As many messages as fit in `budget` bytes of JSON, from the oldest (or the newest)."""
+    messages: list[dict[str, Any]], budget: int, *, keep_newest: bool
+) -> tuple[list[orjson.Fragment], bool]:
+    """As many messages as fit in `budget` bytes of JSON, from the oldest (or the newest),
+    each encoded once, as the frame embeds it (datetimes as pydantic writes them)."""
     ordered = reversed(messages) if keep_newest else iter(messages)
-    kept: list[MessagePublic] = []
+    kept: list[orjson.Fragment] = []
     used = 0
     for message in ordered:
-        used += len(message.model_dump_json())
+        encoded = orjson.dumps(message, option=orjson.OPT_UTC_Z)
+        used += len(encoded)
         if used > budget:
             break
-        kept.append(message)
+        kept.append(orjson.Fragment(encoded))
     if keep_newest:
         kept.reverse()
     return kept, len(kept) < len(messages)

@@ -35,6 +35,10 @@ class RoomState:
     next_seq: int | None = None
     held: dict[int, Outbound] = field(default_factory=dict)
     release_timer: asyncio.TimerHandle | None = None
+    # Each joined connection's `joined.last_seq`, and the highest of them: an event at or
+    # below it may already be in a connection's history.
+    synced: dict[Connection, int] = field(default_factory=dict)
+    synced_max: int = -1
 
 
 class Hub:
@@ -91,6 +95,7 @@ class Hub:
         if room is None or connection not in room.connections:
             return
         room.connections.discard(connection)
+        room.synced.pop(connection, None)
         remaining = room.users[connection.user_id] - 1
         if remaining:
             room.users[connection.user_id] = remaining
@@ -129,11 +134,16 @@ class Hub:
         dropping those the history already held. The first join also tells the room's
         sequencer where the room stands, so it can order the events that follow."""
         room = self._rooms.get(room_id)
-        if room is not None and room.next_seq is None:
-            room.next_seq = last_seq + 1
-            for seq in sorted(s for s in room.held if s <= last_seq):
-                self._deliver(room, room_id, room.held.pop(seq), seq)
-            self._release_consecutive(room, room_id)
+        if room is not None:
+            if room.next_seq is None:
+                room.next_seq = last_seq + 1
+                for seq in sorted(s for s in room.held if s <= last_seq):
+                    self._deliver(room, room_id, room.held.pop(seq), seq)
+                self._release_consecutive(room, room_id)
+            # A change committed before the history was read may still be on its way here
+            # (published after the read): its event must not repeat it.
+            room.synced[connection] = last_seq
+            room.synced_max = max(room.synced_max, last_seq)
         for change_seq, frame in connection.joining.pop(room_id, []):
             if change_seq is None or change_seq > last_seq:
                 connection.offer(frame)
@@ -174,12 +184,17 @@ class Hub:
         change_seq: int | None,
         skip_user: str | None = None,
     ) -> None:
+        # Once per frame and member: the hottest loop of a fan-out.
+        # Rare: an event that some connection's history may already hold (see finish_join).
+        seen = -1 if change_seq is None or change_seq > room.synced_max else change_seq
         for connection in list(room.connections):
-            if connection.user_id == skip_user:
+            if skip_user is not None and connection.user.id == skip_user:
                 continue
-            pending = connection.joining.get(room_id)
+            pending = connection.joining.get(room_id) if connection.joining else None
             if pending is not None:
                 pending.append((change_seq, outbound))
+            elif seen >= 0 and seen <= room.synced.get(connection, -1):
+                continue  # in the history it joined with
             else:
                 connection.offer(outbound)
 

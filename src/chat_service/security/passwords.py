@@ -1,12 +1,16 @@
 """Password hashing with argon2id through passlib (the maintained `libpass` fork).
 
 Hashing is CPU work that would stall every socket on the event loop, so it runs on a small
-dedicated thread pool whose size bounds how many hashes run at once.
+dedicated thread pool whose size bounds how many hashes run at once. Its threads run at the
+lowest priority: on a busy core the event loop always goes first and logins absorb the wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +19,18 @@ from typing import TypeVar
 from passlib.context import CryptContext
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+LOWEST_PRIORITY = 19  # nice value
+
+
+def lower_thread_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux sets niceness per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_PRIORITY)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: run as is
+        log.debug("hashing threads keep their priority", extra={"error": repr(exc)})
 
 
 @dataclass(frozen=True)
@@ -35,7 +51,11 @@ class PasswordHasher:
             argon2__rounds=time_cost,
             argon2__parallelism=parallelism,
         )
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="argon2")
+        self._pool = ThreadPoolExecutor(
+            max_workers=concurrency,
+            thread_name_prefix="argon2",
+            initializer=lower_thread_priority,
+        )
         self._dummy_hash = self._context.hash("dummy password for unknown users")
 
     async def hash(self, password: str) -> str:
