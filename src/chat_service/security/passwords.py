@@ -1,9 +1,9 @@
 """Password hashing with argon2id through passlib (the maintained `libpass` fork).
 
 Hashing is CPU work that would stall every socket on the event loop, so it runs on a small
-dedicated thread pool whose size bounds how many hashes run at once. Its threads have the
-lowest CPU priority there is (SCHED_IDLE): whenever the event loop wakes up it takes the core
-at once, and the logins absorb the wait.
+dedicated thread pool whose size bounds how many hashes run at once. Its threads run at the
+lowest niceness (19), so that on a busy core the event loop goes first and the logins absorb
+the wait.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,15 +23,18 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
+LOWEST_NICENESS = 19
+
 
 def lower_thread_priority() -> None:
-    """Give the calling thread the SCHED_IDLE policy (Linux: per thread; 0 is the caller).
+    """Give the calling thread niceness 19 (Linux sets it per thread, by thread id).
 
-    Not merely nice 19: the scheduler may let a thread at nice 19 run out its slice before
-    a waking thread at nice 0 gets the core, whereas it preempts a SCHED_IDLE thread at once
-    (measured with the login-storm bench: chat p99 13 ms with SCHED_IDLE, 15 ms at nice 19)."""
+    Not SCHED_IDLE, which is lower still: a SCHED_IDLE thread gets next to no CPU while any
+    other task wants the core, so logins stop, and one holding the GIL then stalls the event
+    loop as well (measured beside one busy process on the same core: SCHED_IDLE, no hash
+    done in 7 s and loop stalls up to 113 ms; niceness 19, about 2 hashes/s)."""
     try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_NICENESS)
     except (AttributeError, OSError) as exc:  # not Linux, or not allowed: run as is
         log.debug("hashing threads keep their priority", extra={"error": repr(exc)})
 
