@@ -21,6 +21,11 @@ class RoomNotFound(NotFound):
     detail = "Room not found"
 
 
+class NotMember(Forbidden):
+    code = "not_member"
+    detail = "Join this room first"
+
+
 @dataclass(frozen=True)
 class RoomAccess:
     room: Room
@@ -28,7 +33,7 @@ class RoomAccess:
 
     def member(self) -> Membership:
         if self.membership is None:
-            raise Forbidden("Join this room first", code="not_member")
+            raise NotMember()
         return self.membership
 
     def owner(self) -> Membership:

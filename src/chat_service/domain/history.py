@@ -16,8 +16,8 @@ from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from chat_service.db import SessionFactory
-from chat_service.domain.access import PUBLIC, RoomNotFound, user_summary
-from chat_service.errors import Forbidden, InvalidInput
+from chat_service.domain.access import PUBLIC, NotMember, RoomNotFound, user_summary
+from chat_service.errors import InvalidInput
 from chat_service.models import Message, User
 from chat_service.schemas import MessagePage, MessagePublic
 
@@ -100,7 +100,7 @@ class HistoryService:
         if access.member is None:
             if access.visibility != PUBLIC:
                 raise RoomNotFound()
-            raise Forbidden("Join this room first", code="not_member")
+            raise NotMember()
         return access.last_seq, [] if access.id is None else rows
 
 

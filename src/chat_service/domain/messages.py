@@ -27,7 +27,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from chat_service.clock import utcnow
 from chat_service.db import SessionFactory
-from chat_service.domain.access import OWNER, PUBLIC, RoomNotFound, room_access
+from chat_service.domain.access import OWNER, PUBLIC, NotMember, RoomNotFound, room_access
 from chat_service.domain.events import Event, EventSink, EventType
 from chat_service.domain.group_commit import GroupCommit
 from chat_service.domain.history import message_public
@@ -416,11 +416,7 @@ async def _denied(
         ).all()
     )
     return {
-        index: (
-            Forbidden("Join this room first", code="not_member")
-            if visibility.get(draft.room_id) == PUBLIC
-            else RoomNotFound()
-        )
+        index: (NotMember() if visibility.get(draft.room_id) == PUBLIC else RoomNotFound())
         for index, draft in outsiders.items()
     }
 
