@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from datetime import timedelta
 
@@ -178,9 +177,11 @@ async def test_unknown_user_and_wrong_password_take_the_same_time(app_factory: A
         for _ in range(12):  # alternate, so machine noise hits both alike
             known.append(await timed("kate"))
             unknown.append(await timed("no-such-user"))
-    ratio = statistics.median(unknown) / statistics.median(known)
+    # Noise only ever adds time (CI runs two suites side by side and hashing runs at nice 19),
+    # so the fastest of each is the fair comparison; a median let one busy stretch decide.
     # Both verify one argon2id hash (~20-40 ms); skipping it for unknown users would be ~0.05.
-    assert 0.6 < ratio < 1.6, (known, unknown)
+    ratio = min(unknown) / min(known)
+    assert 0.5 < ratio < 2.0, (known, unknown)
 
 
 async def test_login_rehashes_when_parameters_change(
