@@ -126,7 +126,7 @@ async def test_joined_frame_is_the_documented_encoding_byte_for_byte(
         ({"type": "join", "room_id": room, "since_seq": 1}, [2, 3, 4]),  # changes 2, 5, 6
     ):
         raw = await raw_joined(a, frame)
-        assert frames.Joined.model_validate_json(raw).encode() == raw
+        assert frames.Joined.model_validate_json(raw).encode() == raw.encode()
         joined = json.loads(raw)
         assert ("ref" in joined) == ("ref" in frame)
         assert joined["messages"] == [expected[seq] for seq in want]

@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -223,6 +223,8 @@ async def test_real_traffic_moves_every_counter_by_its_amount(
 
     assert len(seen["carol"]) == 8
     assert Counters(before_carol, end)("chat_ws_frames_sent_total") == 8
+    # Each reply was awaited before the next request: nothing to coalesce, a write each.
+    assert Counters(before_carol, end)("chat_ws_socket_writes_total") == 8
 
     moved = Counters(start, end)
     assert moved("chat_ws_connections_opened_total") == 3
@@ -283,6 +285,7 @@ class FakeWebSocket:
     def __init__(self) -> None:
         self.sent: list[str] = []
         self.closed: list[int] = []
+        self.scope: dict[str, Any] = {}  # offers no FrameWriter: frames go through send_text
 
     async def send_text(self, text: str) -> None:
         self.sent.append(text)
@@ -315,3 +318,60 @@ async def test_queue_drops_and_slow_consumer_closes_are_counted() -> None:
     assert value(samples, "chat_ws_frames_sent_total") == len(websocket.sent) == 0
     assert websocket.closed == [4408]
     assert connection.close_code == 4408
+
+
+async def test_a_burst_reaches_a_member_in_fewer_socket_writes_than_frames(
+    live_server_factory: LiveServerFactory,
+) -> None:
+    """Frames queued while a connection's writer was busy go out together, in seq order."""
+    live = await live_server_factory(message_rate_per_s=1000, message_burst=1000)
+    senders, per_sender = 5, 20
+    async with httpx.AsyncClient(base_url=live.http, timeout=10) as http:
+        users = [await signup(http, f"burst_{n}") for n in range(senders + 1)]
+        headers = [bearer(user["access_token"]) for user in users]
+        created = await http.post(f"{API}/rooms", json={"name": "burst"}, headers=headers[0])
+        room_id = created.json()["id"]
+        for member in headers[1:]:
+            joined = await http.post(f"{API}/rooms/{room_id}/join", headers=member)
+            assert joined.status_code == 200, joined.text
+        async with AsyncExitStack() as stack:
+            sockets = [
+                await stack.enter_async_context(ws_open(live, additional_headers=h))
+                for h in headers
+            ]
+            scratch: list[str] = []
+            for ws in sockets:
+                await recv_type(ws, "hello", scratch)
+            listener, talkers = sockets[0], sockets[1:]
+            await listener.send(json.dumps({"type": "join", "room_id": room_id, "limit": 1}))
+            await recv_type(listener, "joined", scratch)
+            online = await recv_type(listener, "presence", scratch)  # its own, announced later
+            assert online["status"] == "online", online
+            before = await scrape(http)
+
+            async def talk(ws: ClientConnection, n: int) -> None:
+                for i in range(per_sender):  # all at once: the acks are read afterwards
+                    send = {"type": "message.send", "room_id": room_id, "body": f"{n}.{i}"}
+                    await ws.send(json.dumps({**send, "client_id": f"b{n}.{i}"}))
+                for _ in range(per_sender):
+                    await recv_type(ws, "ack", scratch)
+
+            async def listen() -> list[int]:
+                seqs: list[int] = []
+                while len(seqs) < senders * per_sender:
+                    frame = await recv(listener)
+                    assert frame["type"] == "message.new", frame
+                    seqs.append(frame["message"]["seq"])
+                return seqs
+
+            *_, seqs = await asyncio.gather(
+                *(talk(ws, n) for n, ws in enumerate(talkers)), listen()
+            )
+            after = await scrape(http)
+
+    assert seqs == list(range(1, senders * per_sender + 1)), "a frame lost or out of order"
+    moved = Counters(before, after)
+    frames, writes = moved("chat_ws_frames_sent_total"), moved("chat_ws_socket_writes_total")
+    assert frames == 2 * senders * per_sender, "an ack and a message.new per send"
+    # Concurrent sends share commits, so their events reach the listener's queue together.
+    assert 0 < writes < frames, (writes, frames)

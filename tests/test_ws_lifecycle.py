@@ -35,10 +35,13 @@ import orjson
 import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
 
 from chat_service.domain.events import Event
 from chat_service.realtime.connection import (
     CLOSE_TIMEOUT_S,
+    FRAME_WRITER,
     STUCK_CLOSE_TIMEOUT_S,
     Connection,
     Outbound,
@@ -472,15 +475,111 @@ def summary(user: User) -> UserSummary:
 
 
 class FakeWebSocket:
-    def __init__(self) -> None:
+    def __init__(self, frame_writer: RecordingFrameWriter | None = None) -> None:
         self.sent: list[str] = []
         self.closed: list[tuple[int, str]] = []
+        self.scope = {"extensions": {FRAME_WRITER: frame_writer}} if frame_writer else {}
 
     async def send_text(self, text: str) -> None:
         self.sent.append(text)
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         self.closed.append((code, reason or ""))
+
+
+class RecordingFrameWriter:
+    """Takes the place of the server's socket: keeps each write as it would hit the wire;
+    `writable` stands for the transport being under its high-water mark."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def frames_open(self) -> bool:
+        return True
+
+    def writable_now(self) -> bool:
+        return self.writable.is_set()
+
+    async def wait_writable(self) -> None:
+        await self.writable.wait()
+
+    def write_frames(self, data: bytes) -> None:
+        self.writes.append(data)
+
+
+def parse_server_frames(data: bytes) -> list[Frame]:
+    """Read frames back with the websockets library's own parser, as a client would."""
+    reader = StreamReader()
+    reader.feed_data(data)
+    parsed: list[Frame] = []
+    while reader.buffer:
+        parser = Frame.parse(reader.read_exact, mask=False)
+        with pytest.raises(StopIteration) as done:
+            next(parser)
+        parsed.append(done.value.value)
+    return parsed
+
+
+async def test_queued_frames_go_out_in_one_write_that_a_client_parses_back() -> None:
+    writer = RecordingFrameWriter()
+    websocket = FakeWebSocket(writer)
+    connection = make_connection(websocket, max_frames=10, max_bytes=1 << 20)
+    # One payload per header form: 7-bit, 16-bit and 64-bit lengths (RFC 6455 5.2).
+    texts = ['{"n":1}', '{"body":"' + "é" * 100 + '"}', '{"body":"' + "x" * 70_000 + '"}']
+    for text in texts:
+        connection.offer(Outbound(text))
+    connection.close(1000, "bye")
+
+    await asyncio.wait_for(connection.run_writer(), 2)
+
+    assert len(writer.writes) == 1, "three queued frames, one socket write"
+    parsed = parse_server_frames(writer.writes[0])
+    assert [(f.opcode, f.fin, bytes(f.data).decode()) for f in parsed] == [
+        (Opcode.TEXT, True, text) for text in texts
+    ]
+    assert websocket.sent == [], "nothing went through ASGI send"
+    assert websocket.closed == [(1000, "bye")], "the close frame still goes through ASGI"
+
+
+async def test_a_fan_out_burst_is_one_write_per_member_by_the_hub_not_the_writer_tasks() -> None:
+    hub = Hub()
+    members = [RecordingFrameWriter() for _ in range(3)]
+    connections = []
+    for n, writer in enumerate(members):
+        connection = make_connection(FakeWebSocket(writer), max_frames=100, max_bytes=1 << 20)
+        connection.user = UserSummary(id=f"u{n}", username=f"u{n}", display_name=f"u{n}")
+        hub.register(connection)
+        hub.subscribe(connection, "r")
+        hub.finish_join(connection, "r", 0)
+        connections.append(connection)
+    tasks = [asyncio.create_task(c.run_writer()) for c in connections]
+    await asyncio.sleep(0)  # the writers park, waiting for frames
+    members[2].writable.clear()  # this member's socket is backed up
+    parked = [c._wakeup for c in connections]  # each writer's wait
+
+    for seq in (1, 2, 3):
+        hub.dispatch(message_event("r", seq))
+    await asyncio.sleep(0)  # one pass of the loop: the hub's flush
+
+    for writer in members[:2]:
+        assert len(writer.writes) == 1, "three events, one write"
+        parsed = parse_server_frames(writer.writes[0])
+        assert [json.loads(f.data)["message"]["seq"] for f in parsed] == [1, 2, 3]
+    assert [c._wakeup for c in connections[:2]] == parked[:2], "writer tasks woken"
+    assert all(wait is not None and not wait.done() for wait in parked[:2])
+    assert members[2].writes == [], "a backed-up socket is left to its writer"
+    members[2].writable.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(members[2].writes) == 1
+    assert [
+        json.loads(f.data)["message"]["seq"] for f in parse_server_frames(members[2].writes[0])
+    ] == [1, 2, 3]
+    for connection in connections:
+        connection.close(1000, "bye")
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
 
 
 def make_connection(websocket: FakeWebSocket, *, max_frames: int, max_bytes: int) -> Connection:

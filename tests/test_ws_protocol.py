@@ -32,7 +32,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin, Subprotocol
 
+from chat_service.domain import send_batch
 from chat_service.models import Message
+from chat_service.realtime import gateway as gateway_module
 from tests.conftest import LiveServer, LiveServerFactory
 from tests.frame_schemas import validate_server_frame
 from tests.helpers import API, PASSWORD, TEST_JWT_SECRET, bearer, free_port, signup
@@ -1291,18 +1293,17 @@ async def test_storage_outage_answers_unavailable_and_stores_nothing(
     await h.join(a, room)
     await h.join(b, room)
 
-    service = h.server.app.state.messages
-    original = service.send
+    original = send_batch.read_facts
     calls = 0
 
-    async def fail_once(*args: Any, **kwargs: Any) -> Any:
+    async def fail_once(*args: Any, **kwargs: Any) -> Any:  # the batch's first statement
         nonlocal calls
         calls += 1
         if calls == 1:
             raise OperationalError("x", {}, Exception("down"))
         return await original(*args, **kwargs)
 
-    monkeypatch.setattr(service, "send", fail_once)
+    monkeypatch.setattr(send_batch, "read_facts", fail_once)
     frame = {"type": "message.send", "room_id": room, "body": "hello", "client_id": "retry-me"}
     await a.send({**frame, "ref": "u1"})
     error = await a.recv_type("error")
@@ -1321,3 +1322,44 @@ async def test_storage_outage_answers_unavailable_and_stores_nothing(
     stored = await h.history(alice, room)
     assert [(m["body"], m["client_id"]) for m in stored] == [("hello", "retry-me")]
     assert calls == 3
+
+
+async def test_sends_waiting_for_their_commit_do_not_hold_up_the_next_frames(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """message.send is pipelined: later frames are answered while a send waits for its
+    commit; the sends are still stored and acked in order; past MAX_SENDS_IN_FLIGHT the
+    connection's next frame waits."""
+    alice = await h.signup("alice")
+    room = await h.room(alice)
+    a = await h.connect(alice)
+    await h.join(a, room)
+    held = asyncio.Event()
+    original = send_batch.read_facts
+
+    async def held_until_released(*args: Any, **kwargs: Any) -> Any:
+        await held.wait()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(send_batch, "read_facts", held_until_released)
+    monkeypatch.setattr(gateway_module, "MAX_SENDS_IN_FLIGHT", 2)
+    for n in (1, 2):
+        send = {"type": "message.send", "room_id": room, "body": f"m{n}", "client_id": f"p{n}"}
+        await a.send({**send, "ref": f"s{n}"})
+    pong = await a.request({"type": "ping"}, "pong", skip=("presence",))
+    assert pong["type"] == "pong", "a ping after two held sends is answered at once"
+
+    third = {"type": "message.send", "room_id": room, "body": "m3", "client_id": "p3"}
+    await a.send({**third, "ref": "s3"})  # the third in flight: waits for the first
+    await a.send({"type": "ping", "ref": "late"})
+    with contextlib.suppress(TimeoutError):  # nothing but presence while the sends are held
+        async with asyncio.timeout(0.3):
+            while True:
+                assert json.loads(await a.ws.recv())["type"] == "presence"
+
+    held.set()
+    acks = [await a.recv_type("ack", skip=("presence", "message.new")) for _ in range(2)]
+    assert [(ack["ref"], ack["message"]["seq"]) for ack in acks] == [("s1", 1), ("s2", 2)]
+    rest = [await a.recv_type(t, skip=("presence", "message.new")) for t in ("pong", "ack")]
+    assert rest[0]["ref"] == "late"
+    assert (rest[1]["ref"], rest[1]["message"]["seq"]) == ("s3", 3)

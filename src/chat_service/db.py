@@ -100,6 +100,17 @@ def _sqlite_engine(url: str, settings: Settings) -> AsyncEngine:
     return engine
 
 
+def statement_options(db: AsyncSession) -> dict[str, Any]:
+    """Execution options for work done in statements that each stand alone: on Postgres,
+    autocommit (no BEGIN and COMMIT/ROLLBACK round trips; each statement reads one snapshot
+    and commits as it ends). Not on SQLite, whose driver-level transaction setup (below)
+    AUTOCOMMIT would undo for good."""
+    bind = db.bind
+    if bind is not None and bind.dialect.name == "postgresql":
+        return {"isolation_level": "AUTOCOMMIT"}
+    return {}
+
+
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:
     return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
 

@@ -108,6 +108,12 @@ class Metrics:
             "Frames written to WebSocket connections (every event, reply and error).",
             registry=registry,
         )
+        self.ws_socket_writes = Counter(
+            "chat_ws_socket_writes",
+            "Socket writes carrying those frames (one write takes every frame queued for a "
+            "connection, so fewer writes than frames means bursts were coalesced).",
+            registry=registry,
+        )
         self.ws_frames_dropped = Counter(
             "chat_ws_frames_dropped",
             "Droppable frames (typing, presence) dropped from full outbound queues.",

@@ -28,15 +28,16 @@ class GroupCommit(Generic[Request, Result]):
         self._pending: list[tuple[Request, asyncio.Future[Result]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def submit(self, request: Request) -> Result:
+    def enqueue(self, request: Request) -> asyncio.Future[Result]:
+        """Queue a request without waiting; the future settles once its batch is done.
+        Requests are stored in the order they were queued."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         # Read every outcome here, so one whose caller has gone is not reported as lost.
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._pending.append((request, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="group-commit")
-        # A caller that goes away (its socket closed) does not cancel the others' batch.
-        return await asyncio.shield(future)
+        return future
 
     async def _flush(self) -> None:
         while self._pending:

@@ -13,9 +13,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import SQLModel
-from sqlmodel.ext.asyncio.session import AsyncSession
 
-from chat_service.db import SessionFactory
+from chat_service.db import SessionFactory, statement_options
 from chat_service.domain.access import PUBLIC, NotMember, RoomNotFound, user_summary
 from chat_service.errors import InvalidInput
 from chat_service.models import Message, User
@@ -91,7 +90,7 @@ class HistoryService:
         """The room's last_seq and the page's rows, ascending, once my access to the room is
         checked: the errors of `room_access(...).member()`."""
         async with self._sessions() as db:
-            options = read_only_options(db) if autocommit else {}
+            options = statement_options(db) if autocommit else {}
             connection = await db.connection(execution_options=options)
             rows = (await connection.execute(statement, params)).all()
         if not rows:
@@ -102,16 +101,6 @@ class HistoryService:
                 raise RoomNotFound()
             raise NotMember()
         return access.last_seq, [] if access.id is None else rows
-
-
-def read_only_options(db: AsyncSession) -> dict[str, Any]:
-    """Execution options for a session that reads one statement: on Postgres, autocommit
-    (no BEGIN and ROLLBACK round trips; a statement reads one snapshot all the same). Not on
-    SQLite, whose driver-level transaction setup (db.py) AUTOCOMMIT would undo for good."""
-    bind = db.bind
-    if bind is not None and bind.dialect.name == "postgresql":
-        return {"isolation_level": "AUTOCOMMIT"}
-    return {}
 
 
 # Below the ORM: tables, and statements built once (only their parameters vary per call).

@@ -6,36 +6,34 @@ one after another in seq order, and "everything after seq N" never skips a chang
 
 Sends are group-committed (domain/group_commit.py): the sends that arrive while a transaction
 is in flight are checked, numbered and stored together in the next one, rooms locked in id
-order. Each still gets its own answer, and an ack still means its transaction committed.
+order (domain/send_batch.py: two statements on Postgres, whatever the batch holds). Each
+still gets its own answer, and an ack still means its transaction committed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import sqlalchemy as sa
 from limits import RateLimitItemPerSecond
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlmodel import SQLModel, col, select, update
+from sqlmodel import col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from chat_service.clock import utcnow
-from chat_service.db import SessionFactory
-from chat_service.domain.access import OWNER, PUBLIC, NotMember, RoomNotFound, room_access
+from chat_service.db import SessionFactory, statement_options
+from chat_service.domain import send_batch
+from chat_service.domain.access import OWNER, RoomNotFound, room_access
 from chat_service.domain.events import Event, EventSink, EventType
 from chat_service.domain.group_commit import GroupCommit
 from chat_service.domain.history import message_public
-from chat_service.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound
-from chat_service.ids import new_id
+from chat_service.errors import Conflict, Forbidden, InvalidInput, NotFound
 from chat_service.models import Membership, Message, Room, User
 from chat_service.ratelimit import RateLimiter, Rule
-from chat_service.schemas import MessagePublic, UserSummary
+from chat_service.schemas import MessagePublic
 from chat_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,16 +100,32 @@ class MessageService:
         `on_stored` is called once it is committed and before it is announced, so a sender's
         `ack` goes out ahead of its `message.new`, even if the sender stops waiting.
         """
+        # A caller that goes away (its socket closed) does not cancel the others' batch.
+        return await asyncio.shield(self.enqueue(user_id, room_id, body, client_id, on_stored))
+
+    def enqueue(
+        self,
+        user_id: str,
+        room_id: str,
+        body: str,
+        client_id: str | None = None,
+        on_stored: Callable[[Sent], None] | None = None,
+    ) -> asyncio.Future[Sent]:
+        """`send` without waiting for the commit (a socket's next frames need not wait):
+        the future settles when it is done; a caller's sends are stored in the order queued."""
         self._check_body(body)
-        return await self._batches.submit(Draft(user_id, room_id, body, client_id, on_stored))
+        return self._batches.enqueue(Draft(user_id, room_id, body, client_id, on_stored))
 
     async def _store(self, drafts: list[Draft]) -> list[Sent | BaseException]:
-        """One transaction for a batch of sends; each gets its message or its error."""
+        """One batch of sends (send_batch.py says how it meets the database); each gets its
+        message or its error."""
         outcomes: list[_Pending] = [None] * len(drafts)
         try:
             async with self._sessions() as db:
-                fresh, authors = await self._fresh_drafts(db, drafts, outcomes)
-                stored = await self._insert(db, [drafts[i] for i in fresh], authors)
+                connection = await db.connection(execution_options=statement_options(db))
+                facts = await send_batch.read_facts(connection, drafts)
+                fresh = await self._fresh_drafts(drafts, facts, outcomes)
+                stored = await send_batch.insert(connection, [drafts[i] for i in fresh], utcnow())
                 await db.commit()
         except IntegrityError:
             # A client_id committed concurrently by another transaction (another worker):
@@ -120,8 +134,12 @@ class MessageService:
             log.info("a batch met a concurrent client_id; storing its sends one by one")
             results = [await self._send_alone(draft) for draft in drafts]
         else:
-            for index, sent in zip(fresh, stored, strict=True):
-                outcomes[index] = sent
+            for place in stored.vanished:
+                outcomes[fresh[place]] = RoomNotFound()
+            kept = [index for place, index in enumerate(fresh) if place not in stored.vanished]
+            for index, row in zip(kept, stored.rows, strict=True):
+                author = facts.authors[(row["room_id"], row["author_id"])]
+                outcomes[index] = Sent(MessagePublic(**row, author=author), created=True)
             results = [_resolve(outcomes, index) for index in range(len(drafts))]
         for draft, result in zip(drafts, results, strict=True):
             if isinstance(result, Sent):
@@ -132,67 +150,29 @@ class MessageService:
         return results
 
     async def _fresh_drafts(
-        self, db: AsyncSession, drafts: list[Draft], outcomes: list[_Pending]
-    ) -> tuple[list[int], dict[str, UserSummary]]:
+        self, drafts: list[Draft], facts: send_batch.Facts, outcomes: list[_Pending]
+    ) -> list[int]:
         """Settle the drafts that store nothing (no access, a resend, over the rate limit)
-        in `outcomes`; return the indexes of those to store, and their authors. Only resends
-        are free: sends refused for access count against the rate limit too (each costs
-        queries)."""
-        connection = await db.connection()
-        members = await _member_authors(connection, drafts)
-        denied = await _denied(connection, drafts, members)
-        originals = await _originals(connection, drafts)
+        in `outcomes`; return the indexes of those to store. Only resends are free: sends
+        refused for access count against the rate limit too (each costs queries)."""
         first_of: dict[tuple[str, str], int] = {}
         fresh: list[int] = []
         for index, draft in enumerate(drafts):
             key = (draft.user_id, draft.client_id) if draft.client_id is not None else None
-            allowed_in = index not in denied
-            if allowed_in and key is not None and key in originals:
-                outcomes[index] = _resend(originals[key], draft.room_id)
+            allowed_in = index not in facts.denied
+            if allowed_in and key is not None and key in facts.originals:
+                outcomes[index] = _resend(facts.originals[key], draft.room_id)
             elif allowed_in and key is not None and key in first_of:
                 outcomes[index] = _Same(first_of[key])  # sent twice in one batch
             elif not await self._limiter.allow(self._rate, draft.user_id):
                 outcomes[index] = await self._limiter.refusal(self._rate, draft.user_id)
             elif not allowed_in:
-                outcomes[index] = denied[index]
+                outcomes[index] = facts.denied[index]
             else:
                 if key is not None:
                     first_of[key] = index
                 fresh.append(index)
-        return fresh, {user_id: author for (_, user_id), author in members.items()}
-
-    async def _insert(
-        self, db: AsyncSession, drafts: list[Draft], authors: dict[str, UserSummary]
-    ) -> list[Sent]:
-        """Number the drafts room by room and store them."""
-        if not drafts:
-            return []
-        connection = await db.connection()
-        next_seq = await _take_seqs(connection, Counter(draft.room_id for draft in drafts))
-        now = utcnow()
-        rows: list[dict[str, Any]] = []
-        for draft in drafts:
-            seq = next_seq[draft.room_id]
-            next_seq[draft.room_id] = seq + 1
-            rows.append(
-                {
-                    "id": new_id(),
-                    "room_id": draft.room_id,
-                    "seq": seq,
-                    "change_seq": seq,
-                    "author_id": draft.user_id,
-                    "body": draft.body,
-                    "client_id": draft.client_id,
-                    "created_at": now,
-                    "edited_at": None,
-                    "deleted": False,
-                }
-            )
-        await connection.execute(INSERT_MESSAGES, rows)
-        return [
-            Sent(MessagePublic(**row, author=authors[row["author_id"]]), created=True)
-            for row in rows
-        ]
+        return fresh
 
     async def _send_alone(self, draft: Draft) -> Sent | BaseException:
         try:
@@ -341,146 +321,6 @@ def _resend(original: MessagePublic, room_id: str) -> Sent | BaseException:
             code="client_id_reused",
         )
     return Sent(original, created=False)  # a resend costs no rate budget
-
-
-# The batch path works on tables, below the ORM (plain rows, no identity map), with its
-# statements built once: a send is the hottest path of the service.
-USERS = sa.table("users", sa.column("id"), sa.column("username"), sa.column("display_name"))
-ROOMS = sa.table("rooms", sa.column("id"), sa.column("visibility"), sa.column("last_seq"))
-MEMBERSHIPS = sa.table("memberships", sa.column("room_id"), sa.column("user_id"))
-MESSAGES = SQLModel.metadata.tables["messages"]
-ROOM_IDS: sa.BindParameter[list[str]] = sa.bindparam("room_ids", expanding=True)
-USER_IDS: sa.BindParameter[list[str]] = sa.bindparam("user_ids", expanding=True)
-
-SELECT_MEMBER_AUTHORS = (
-    sa.select(MEMBERSHIPS.c.room_id, USERS.c.id, USERS.c.username, USERS.c.display_name)
-    .join(USERS, USERS.c.id == MEMBERSHIPS.c.user_id)
-    .where(MEMBERSHIPS.c.room_id.in_(ROOM_IDS), MEMBERSHIPS.c.user_id.in_(USER_IDS))
-)
-SELECT_VISIBILITY = sa.select(ROOMS.c.id, ROOMS.c.visibility).where(ROOMS.c.id.in_(ROOM_IDS))
-SELECT_ORIGINALS = (
-    sa.select(MESSAGES, USERS.c.username, USERS.c.display_name)
-    .join(USERS, USERS.c.id == MESSAGES.c.author_id)
-    .where(
-        MESSAGES.c.author_id.in_(USER_IDS),
-        MESSAGES.c.client_id.in_(sa.bindparam("client_ids", expanding=True)),
-    )
-)
-LOCK_ROOMS = (
-    sa.select(ROOMS.c.id).where(ROOMS.c.id.in_(ROOM_IDS)).order_by(ROOMS.c.id).with_for_update()
-)
-TAKE_SEQS_IN_ONE_ROOM = (
-    sa.update(ROOMS)
-    .where(ROOMS.c.id == sa.bindparam("room_id"))
-    .values(last_seq=ROOMS.c.last_seq + sa.bindparam("count"))
-    .returning(ROOMS.c.id, ROOMS.c.last_seq)
-)
-INSERT_MESSAGES = sa.insert(MESSAGES)
-
-
-async def _member_authors(
-    connection: AsyncConnection, drafts: list[Draft]
-) -> dict[tuple[str, str], UserSummary]:
-    """(room id, user id) -> the author, for the drafts whose author is in their room."""
-    rows = await connection.execute(
-        SELECT_MEMBER_AUTHORS,
-        {
-            "room_ids": list({d.room_id for d in drafts}),
-            "user_ids": list({d.user_id for d in drafts}),
-        },
-    )
-    return {
-        (room_id, user_id): UserSummary(id=user_id, username=username, display_name=display_name)
-        for room_id, user_id, username, display_name in rows
-    }
-
-
-async def _denied(
-    connection: AsyncConnection,
-    drafts: list[Draft],
-    members: dict[tuple[str, str], UserSummary],
-) -> dict[int, DomainError]:
-    """The drafts whose author may not post in their room, with the error room_access gives."""
-    outsiders = {
-        index: draft
-        for index, draft in enumerate(drafts)
-        if (draft.room_id, draft.user_id) not in members
-    }
-    if not outsiders:
-        return {}
-    visibility = dict(
-        (
-            await connection.execute(
-                SELECT_VISIBILITY, {"room_ids": list({d.room_id for d in outsiders.values()})}
-            )
-        ).all()
-    )
-    return {
-        index: (NotMember() if visibility.get(draft.room_id) == PUBLIC else RoomNotFound())
-        for index, draft in outsiders.items()
-    }
-
-
-async def _originals(
-    connection: AsyncConnection, drafts: list[Draft]
-) -> dict[tuple[str, str], MessagePublic]:
-    """Messages already stored under the drafts' (author, client_id)."""
-    keyed = {(d.user_id, d.client_id) for d in drafts if d.client_id is not None}
-    if not keyed:
-        return {}
-    rows = await connection.execute(
-        SELECT_ORIGINALS,
-        {
-            "user_ids": list({user for user, _ in keyed}),
-            "client_ids": list({client for _, client in keyed}),
-        },
-    )
-    found = {}
-    for row in rows.mappings():
-        key = (row["author_id"], row["client_id"])
-        if key in keyed:
-            found[key] = _public_row(row)
-    return found
-
-
-async def _take_seqs(connection: AsyncConnection, counts: Counter[str]) -> dict[str, int]:
-    """Reserve `counts[room]` seqs in each room: room id -> the first of them.
-
-    The rooms' rows stay locked until commit. On Postgres, a batch over several rooms locks
-    them in id order first, so that two batches (two workers) cannot deadlock."""
-    room_ids = sorted(counts)
-    if len(room_ids) == 1:
-        result = await connection.execute(
-            TAKE_SEQS_IN_ONE_ROOM, {"room_id": room_ids[0], "count": counts[room_ids[0]]}
-        )
-    else:
-        if connection.dialect.name == "postgresql":
-            await connection.execute(LOCK_ROOMS, {"room_ids": room_ids})
-        added = sa.case({room_id: counts[room_id] for room_id in room_ids}, value=ROOMS.c.id)
-        result = await connection.execute(
-            sa.update(ROOMS)
-            .where(ROOMS.c.id.in_(room_ids))
-            .values(last_seq=ROOMS.c.last_seq + added)
-            .returning(ROOMS.c.id, ROOMS.c.last_seq)
-        )
-    return {room_id: last_seq - counts[room_id] + 1 for room_id, last_seq in result}
-
-
-def _public_row(row: Any) -> MessagePublic:
-    return MessagePublic(
-        id=row["id"],
-        room_id=row["room_id"],
-        seq=row["seq"],
-        change_seq=row["change_seq"],
-        author=UserSummary(
-            id=row["author_id"], username=row["username"], display_name=row["display_name"]
-        ),
-        body=row["body"],
-        client_id=row["client_id"],
-        created_at=row["created_at"],
-        edited_at=row["edited_at"],
-        deleted=row["deleted"],
-    )
 
 
 async def _next_seq(db: AsyncSession, room_id: str) -> int:

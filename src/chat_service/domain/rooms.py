@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel, and_, col, delete, func, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from chat_service.db import SessionFactory
+from chat_service.db import SessionFactory, statement_options
 from chat_service.domain.access import (
     MEMBER,
     OWNER,
@@ -23,7 +23,6 @@ from chat_service.domain.access import (
     user_summary,
 )
 from chat_service.domain.events import Event, EventSink
-from chat_service.domain.history import read_only_options
 from chat_service.errors import Conflict, InvalidInput, NotFound
 from chat_service.models import Membership, Message, Room, User
 from chat_service.schemas import (
@@ -161,7 +160,7 @@ class RoomService:
         """Become a member of a public room; joining again changes nothing. A WebSocket join
         comes here every time: for a member, one read and no write."""
         async with self._sessions() as db:
-            connection = await db.connection(execution_options=read_only_options(db))
+            connection = await db.connection(execution_options=statement_options(db))
             params = {"room_id": room_id, "user_id": user_id}
             row = (await connection.execute(SELECT_MY_JOIN, params)).first()
         if row is None or (row.role is None and row.visibility != PUBLIC):

@@ -107,7 +107,7 @@ OMITTED_WHEN_NONE = ("ref", "retry_after", "reason")
 
 
 class ServerFrame(BaseModel):
-    def encode(self) -> str:
+    def encode(self) -> bytes:
         omit = {name for name in OMITTED_WHEN_NONE if getattr(self, name, None) is None}
         return encode(self.model_dump(mode="json", exclude=omit))
 
@@ -263,5 +263,5 @@ SERVER_FRAMES: list[type[ServerFrame]] = [
 ]
 
 
-def encode(frame: dict[str, Any]) -> str:
-    return orjson.dumps(frame).decode()
+def encode(frame: dict[str, Any]) -> bytes:
+    return orjson.dumps(frame)

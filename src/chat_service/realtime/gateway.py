@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +22,6 @@ from starlette.websockets import WebSocket
 
 from chat_service.api.input_guard import json_text_has_nul
 from chat_service.clock import utcnow
-from chat_service.domain.access import user_summary
 from chat_service.domain.accounts import AccountService, Principal
 from chat_service.domain.events import Event, EventSink
 from chat_service.domain.history import HistoryService
@@ -54,6 +54,8 @@ DEFAULT_HISTORY = 50
 FLOOD_REFUSALS = 50
 FLOOD_WINDOW_S = 10.0
 FLOOD_BACKOFF_S = 30
+# Sends of one connection waiting for their commit; past this, its next frame waits.
+MAX_SENDS_IN_FLIGHT = 32
 
 Handler = Callable[[Connection, Any], Awaitable[None]]
 
@@ -138,7 +140,7 @@ class Gateway:
     ) -> None:
         connection = Connection(
             websocket,
-            user=user_summary(principal.user),
+            user=principal.user.summary(),
             session_id=principal.session_id,
             expires_at=principal.expires_at,
             max_frames=self._settings.outbound_queue_frames,
@@ -369,18 +371,24 @@ class Gateway:
         try:
             await self._handlers[str(frame_type)](connection, frame)
         except Exception as exc:  # every failure answers with an error frame; the socket lives on
-            code, detail, retry_after = socket_error(exc)
-            if code == "internal":
-                log.exception(
-                    "frame handler failed",
-                    extra={"connection_id": connection.id, "frame_type": frame_type},
-                )
-            elif code == "unavailable":
-                log.warning(
-                    "storage unavailable",
-                    extra={"frame_type": frame_type, "error": type(exc).__name__},
-                )
-            self._error(connection, code, detail, ref, retry_after)
+            self._fail(connection, str(frame_type), exc, ref)
+
+    def _fail(
+        self, connection: Connection, frame_type: str, exc: Exception, ref: str | int | None
+    ) -> None:
+        code, detail, retry_after = socket_error(exc)
+        if code == "internal":
+            log.error(
+                "frame handler failed",
+                extra={"connection_id": connection.id, "frame_type": frame_type},
+                exc_info=exc,
+            )
+        elif code == "unavailable":
+            log.warning(
+                "storage unavailable",
+                extra={"frame_type": frame_type, "error": type(exc).__name__},
+            )
+        self._error(connection, code, detail, ref, retry_after)
 
     def _error(
         self,
@@ -446,13 +454,40 @@ class Gateway:
             ack = frames.Ack(ref=frame.ref, client_id=frame.client_id, message=sent.message)
             connection.offer(Outbound(ack.encode()))
 
-        try:
-            await self._messages.send(
-                connection.user_id, frame.room_id, frame.body, frame.client_id, acknowledge
-            )
-        except RateLimited:
+        # Pipelined: the next frames are read while this one waits for its commit (a
+        # connection's sends are stored in order all the same), up to a bound in number and
+        # in bytes, so that the acks of one batch always fit the connection's queue.
+        size = len(frame.body.encode())
+        budget = self._settings.outbound_queue_bytes // 4
+        in_flight = connection.sends_in_flight
+        while in_flight and (
+            len(in_flight) >= MAX_SENDS_IN_FLIGHT or connection.send_bytes_in_flight + size > budget
+        ):
+            await asyncio.wait({in_flight[0]})
+        pending = self._messages.enqueue(
+            connection.user_id, frame.room_id, frame.body, frame.client_id, acknowledge
+        )
+        in_flight.append(pending)
+        connection.send_bytes_in_flight += size
+        settled = functools.partial(self._send_settled, connection, frame.ref, size)
+        pending.add_done_callback(settled)
+
+    def _send_settled(
+        self,
+        connection: Connection,
+        ref: str | int | None,
+        size: int,
+        pending: asyncio.Future[Sent],
+    ) -> None:
+        """The send's batch is done: its ack went out when it committed; an error goes now."""
+        connection.sends_in_flight.remove(pending)
+        connection.send_bytes_in_flight -= size
+        exc = None if pending.cancelled() else pending.exception()
+        if not isinstance(exc, Exception):
+            return
+        if isinstance(exc, RateLimited):
             self._note_refusal(connection)
-            raise
+        self._fail(connection, "message.send", exc, ref)
 
     def _note_refusal(self, connection: Connection) -> None:
         """A client that keeps sending far past its limit is closed 4429."""

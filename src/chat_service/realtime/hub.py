@@ -17,7 +17,7 @@ from typing import Any
 
 from chat_service.domain.events import Event
 from chat_service.metrics import Metrics, detached
-from chat_service.realtime.connection import Connection, Outbound
+from chat_service.realtime.connection import Connection, Flusher, Outbound
 from chat_service.realtime.frames import encode
 from chat_service.schemas import UserSummary
 
@@ -49,6 +49,7 @@ class Hub:
         # user, "online" | "offline"). Presence (realtime/presence.py) decides what others see.
         self.on_presence: Callable[[str, UserSummary, str], None] = lambda *_change: None
         self._rooms: dict[str, RoomState] = {}
+        self._flusher = Flusher()
         self._by_user: dict[str, set[Connection]] = defaultdict(set)
         self._by_session: dict[str, set[Connection]] = defaultdict(set)
         self.idle = asyncio.Event()  # set while no connection is registered
@@ -58,6 +59,7 @@ class Hub:
 
     def register(self, connection: Connection) -> None:
         self.idle.clear()
+        connection.flusher = self._flusher
         self._by_user[connection.user_id].add(connection)
         self._by_session[connection.session_id].add(connection)
 
