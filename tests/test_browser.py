@@ -156,6 +156,16 @@ async def rest_send(
     assert response.status_code == 201, response.text
 
 
+# Keeps every status the page shows from now on, to say what a failed reconnect went through.
+RECORD_STATUS = """() => {
+  const status = document.getElementById("status");
+  window.statusLog = [];
+  const record = () => window.statusLog.push(`${status.dataset.state}: ${status.textContent}`);
+  const watch = { attributes: true, childList: true, characterData: true, subtree: true };
+  new MutationObserver(record).observe(status, watch);
+}"""
+
+
 async def wait_for(condition: Callable[[], bool], what: str, within: float = 10.0) -> None:
     deadline = time.monotonic() + within
     while not condition():
@@ -281,13 +291,22 @@ async def two_people_chat(live: LiveServer, browser: Browser) -> None:
         # The server closes the socket (a restart): the page reconnects with backoff, resumes.
         before = {c.id for c in hub.all_connections() if c.user_id == bob_id}
         assert len(before) == 1
+        await bob.page.evaluate(RECORD_STATUS)
         for connection in hub.all_connections():
             if connection.user_id == bob_id:
                 connection.close(1012, "server restarting")
-        await wait_for(
-            lambda: any(c.id not in before for c in hub.all_connections() if c.user_id == bob_id),
-            "bob to reconnect after 1012",
-        )
+        try:
+            # Full-jitter backoff: a retry or two refused on a loaded CI machine can add 1-3 s.
+            await wait_for(
+                lambda: any(
+                    c.id not in before for c in hub.all_connections() if c.user_id == bob_id
+                ),
+                "bob to reconnect after 1012",
+                within=3 * WAIT_MS / 1000,
+            )
+        except AssertionError as exc:
+            statuses = await bob.page.evaluate("window.statusLog")
+            raise AssertionError(f"{exc}; the page's status went {statuses}") from exc
         await rest_send(client, alice_api, random, "after the restart")
         await expect(bob.bodies().last).to_have_text("after the restart")
         await bob.live()
