@@ -184,6 +184,29 @@ async def test_unknown_user_and_wrong_password_take_the_same_time(app_factory: A
     assert 0.5 < ratio < 2.0, (known, unknown)
 
 
+async def test_login_holds_no_database_connection_while_it_hashes(
+    app_factory: AppFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hash takes tens of ms, seconds at nice 19 on a busy machine: a transaction open
+    # meanwhile would hold a pooled connection and, on SQLite, the write lock.
+    app = await app_factory()
+    hasher = app.state.accounts._hasher
+    verify = hasher.verify
+    connections_during_hash: list[int] = []
+
+    async def watched_verify(password: str, stored_hash: str | None) -> object:
+        connections_during_hash.append(app.state.engine.pool.checkedout())
+        return await verify(password, stored_hash)
+
+    monkeypatch.setattr(hasher, "verify", watched_verify)
+    async with client_for(app) as client:
+        await signup(client, "lena")
+        assert (await login(client, "lena")).status_code == 200
+        assert (await login(client, "lena", "wrong password!")).status_code == 401
+        assert (await login(client, "nobody-here", "wrong password!")).status_code == 401
+    assert connections_during_hash == [0, 0, 0]
+
+
 async def test_login_rehashes_when_parameters_change(
     app_factory: AppFactory, engine: AsyncEngine
 ) -> None:

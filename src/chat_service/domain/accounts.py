@@ -123,9 +123,15 @@ class AccountService:
             await self._limiter.ensure_allowed(self._login_account_rule, account),
         ]
         async with self._sessions() as db:
-            user = await _user_by_key(db, account)
-            verification = await self._hasher.verify(password, user.password_hash if user else None)
-            if user is None or not verification.ok:
+            found = await _user_by_key(db, account)
+        # No transaction stays open while the hash runs (tens of ms, seconds on a busy
+        # machine at nice 19): it would hold a pooled connection, and on SQLite the write lock.
+        checked_hash = found.password_hash if found else None
+        verification = await self._hasher.verify(password, checked_hash)
+        async with self._sessions() as db:
+            user = await db.get(User, found.id) if found and verification.ok else None
+            # A password changed meanwhile: the one checked is no longer the account's.
+            if user is None or user.password_hash != checked_hash:
                 raise LoginFailed(await self._count_failure(client_ip, account))
             if user.disabled:
                 raise Forbidden("This account is disabled", code="account_disabled")
