@@ -8,8 +8,11 @@ generated secret on disk, and readiness against a database that is not there.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +22,7 @@ import httpx
 import pytest
 import websockets
 
+from chat_service.app import GC_YOUNG_THRESHOLD
 from tests.helpers import API, TEST_JWT_SECRET, ServerProcess, bearer, free_port
 
 pytestmark = pytest.mark.backend_independent(suite="sqlite")  # see tests/conftest.py
@@ -361,3 +365,29 @@ def test_embedded_default_creates_and_reuses_data_and_secret(tmp_path: Path) -> 
 def leftover_env(server: ServerProcess) -> list[str]:
     names = set(EMBEDDED_DEFAULT_UNSET)
     return [key for key in server._env if key.upper() in names]
+
+
+def test_the_served_app_freezes_start_up_objects_and_collects_young_ones_less_often(
+    tmp_path: Path,
+) -> None:
+    # What uvicorn's workers call; run in a child, as it changes the whole process's collector.
+    script = (
+        "import gc, json; from chat_service.app import app_factory; "
+        "print(json.dumps([gc.get_freeze_count(), gc.get_threshold()[0]])); app_factory(); "
+        "print(json.dumps([gc.get_freeze_count(), gc.get_threshold()[0]]))"
+    )
+    env = {
+        **os.environ,
+        "JWT_SECRET": TEST_JWT_SECRET,
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
+        "DATA_DIR": str(tmp_path / "data"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = (json.loads(line) for line in done.stdout.splitlines())
+    assert before == [0, 700], before  # CPython's defaults
+    frozen, young_threshold = after
+    assert frozen > 50_000, after  # modules, routes and schemas: ~140,000 objects
+    assert young_threshold == GC_YOUNG_THRESHOLD

@@ -196,10 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     slow.add_argument("--body-chars", type=int, default=4000)
     slow.add_argument("--rcvbuf", type=int, default=4096, help="stalled socket's SO_RCVBUF")
 
-    workers = add("workers", "fan-out with serve --workers N on Redis (server unpinned)")
+    workers = add("workers", "fan-out or ingest with serve --workers N on Redis (unpinned)")
     workers.add_argument("--workers", type=_ints, default=(1, 2, 4))
-    workers.add_argument("--members", type=int, default=100)
-    workers.add_argument("--senders", type=int, default=5)
+    workers.add_argument(
+        "--load", choices=("fanout", "ingest"), default="fanout", help="the scenario to run"
+    )
+    workers.add_argument("--members", type=int, help="per room (default: fanout 100, ingest 5)")
+    workers.add_argument("--senders", type=int, default=5, help="fanout: senders")
+    workers.add_argument("--rooms", type=int, default=200, help="ingest: rooms")
     workers.add_argument("--redis-url", help="default: a private redis-server on a free port")
     _sweep_options(workers, "10,20,50,100,200,300,500", 5.0)
     return parser
@@ -231,8 +235,11 @@ def _scenario_of(args: argparse.Namespace, command: list[str]) -> Scenario:
 
         return run_fanout
     if kind == "workers":
-        fan = sc.FanoutConfig(args.members, args.senders, _sweep(args))
-        config: Any = sc.WorkersConfig(args.workers, fan, args.redis_url)
+        if args.load == "ingest":
+            load: Any = sc.IngestConfig(args.rooms, args.members or 5, _sweep(args))
+        else:
+            load = sc.FanoutConfig(args.members or 100, args.senders, _sweep(args))
+        config: Any = sc.WorkersConfig(args.workers, load, args.redis_url)
         return lambda bench: _one(sc.workers(bench, config, command))
     if kind == "ingest":
         config = sc.IngestConfig(args.rooms, args.members, _sweep(args))

@@ -87,7 +87,7 @@ class SlowConfig:
 @dataclass(frozen=True)
 class WorkersConfig:
     workers: tuple[int, ...] = (1, 2, 4)
-    fanout: FanoutConfig = FanoutConfig()
+    load: FanoutConfig | IngestConfig = FanoutConfig()
     redis_url: str | None = None
 
 

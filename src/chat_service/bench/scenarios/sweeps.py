@@ -1,4 +1,4 @@
-"""Rate sweeps: (a) fan-out in one room, (b) ingest in many small rooms, and the fan-out
+"""Rate sweeps: (a) fan-out in one room, (b) ingest in many small rooms, and either of them
 across `serve --workers N` on Redis."""
 
 from __future__ import annotations
@@ -167,10 +167,15 @@ async def _ingest_run(
 
 
 async def workers(bench: Bench, config: WorkersConfig, command: list[str]) -> ScenarioReport:
+    load = config.load
+    if isinstance(load, IngestConfig):
+        what = f"Ingest ({load.rooms} rooms of {load.members}, everyone sending)"
+    else:
+        what = f"Fan-out ({load.members} members)"
     report = ScenarioReport(
         scenario="workers",
         title=(
-            f"Fan-out ({config.fanout.members} members) with serve --workers "
+            f"{what} with serve --workers "
             f"{', '.join(map(str, config.workers))} on Redis (server unpinned)"
         ),
         config=asdict(config),
@@ -197,9 +202,13 @@ async def workers(bench: Bench, config: WorkersConfig, command: list[str]) -> Sc
         report.config["redis_url"] = redis_url
         for round_no in range(1, bench.options.rounds + 1):
             for spec in specs:
-                report.steps += await _fanout_run(
-                    bench, spec, round_no, config.fanout, report.scenario, BROKER_URL=redis_url
-                )
+                if isinstance(load, IngestConfig):
+                    async with bench.launch(spec, BROKER_URL=redis_url) as live:
+                        report.steps += await _ingest_run(bench, live, round_no, load)
+                else:
+                    report.steps += await _fanout_run(
+                        bench, spec, round_no, load, report.scenario, BROKER_URL=redis_url
+                    )
     sweep_report(report, "msg/s", reference="workers=1")
     chart(
         report,
