@@ -15,11 +15,12 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from chat_service import __version__
-from chat_service.api import auth, health, messages, rooms, ws
+from chat_service.api import auth, health, messages, rooms
 from chat_service.api.input_guard import InputGuard
 from chat_service.api.metrics import router as metrics_router
 from chat_service.api.request_ids import HEADER as REQUEST_ID_HEADER
 from chat_service.api.request_ids import RequestIdMiddleware
+from chat_service.api.ws import WebSocketEndpoints
 from chat_service.broker import REDIS_SCHEMES, broker_from_url
 from chat_service.db import create_engine, create_session_factory
 from chat_service.domain.accounts import AccountService
@@ -181,8 +182,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         expose_headers=["Retry-After", "RateLimit", "RateLimit-Policy", REQUEST_ID_HEADER],
         max_age=600,
     )
-    # Outermost last: ids and metrics cover every answer, CORS preflights included.
+    # Outermost last: ids and metrics cover every answer, CORS preflights included; the
+    # WebSocket endpoints sit just inside the request id (api/ws.py says why).
     app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    app.add_middleware(WebSocketEndpoints)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     if settings.metrics_enabled:
@@ -191,7 +194,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # may be sent a body too large to read (api/input_guard.py).
     for router in (auth.router, rooms.router, messages.router):
         app.include_router(router, prefix=API_PREFIX, responses=error_responses(413, 503))
-    app.include_router(ws.router)
     app.router.routes.append(WebClient())  # last: it must not shadow the API
     return app
 
