@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, cast
 
 from uvicorn.config import Config
@@ -12,6 +13,8 @@ from websockets.protocol import State
 
 from chat_service.realtime.connection import FRAME_WRITER
 from chat_service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # How long a socket may sit with unsent data once the app is done with it.
 ABORT_STUCK_AFTER_S = 5.0
@@ -141,6 +144,20 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         await super().run_asgi()
         self.loop.call_later(ABORT_STUCK_AFTER_S, self._abort_if_stuck)
 
+    def send_receive_event_to_app(self) -> None:
+        # RFC 6455 §8.1: a text frame that is not UTF-8 fails the connection with 1007, as
+        # uvicorn does; but uvicorn logs it at ERROR with a traceback, one per such frame,
+        # which lets any client fill the logs. Most frames are ASCII: no trial decode.
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+            if not data.isascii() and not _is_utf8(data):
+                self.frames = []
+                log.info("websocket failed: a text frame is not UTF-8", extra={"close_code": 1007})
+                self.conn.send_close(1007, "text frames must be UTF-8")
+                self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
+
     def frames_open(self) -> bool:
         return (
             self.handshake_complete
@@ -161,6 +178,14 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     def _abort_if_stuck(self) -> None:
         if not self.disconnected:
             self.transport.abort()
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
