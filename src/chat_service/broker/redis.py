@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 OPERATION_TIMEOUT_S = 2.0
 # Publishes waiting for Redis; past this (Redis slow or down) the oldest are dropped.
 OUTBOX_LIMIT = 10_000
+# Publishes sent in one pipeline at most.
+PUBLISH_BATCH = 256
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 # The subscriber pings Redis this often and gives up on a connection that has said nothing
@@ -105,20 +107,29 @@ class RedisBroker:
 
     async def _send_forever(self) -> None:
         while True:
-            channel, message = await self._outbox.get()
-            await self._send(channel, message)
+            batch = [await self._outbox.get()]
+            while len(batch) < PUBLISH_BATCH and not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            await self._send(batch)
 
-    async def _send(self, channel: str, message: bytes) -> None:
+    async def _send(self, batch: list[tuple[str, bytes]]) -> None:
+        """What queued up meanwhile, in order, in one pipeline: one round trip for all."""
         assert self._client is not None
         for attempt in (1, 2):  # a pooled connection may have died with an old Redis
             try:
-                await asyncio.wait_for(self._client.publish(channel, message), OPERATION_TIMEOUT_S)
+                async with self._client.pipeline(transaction=False) as pipeline:
+                    for channel, message in batch:
+                        pipeline.publish(channel, message)
+                    # No wait_for: the client's socket timeout bounds a stuck call, and a
+                    # wait_for around a pipeline could leave this task deaf to its cancel.
+                    await pipeline.execute()
                 return
             except FAILURES as exc:
                 if attempt == 2 or not isinstance(exc, RedisConnectionError):
-                    # Local subscribers had it; other processes miss it (clients resync).
+                    # Local subscribers had them; other processes miss them (clients resync).
                     log.warning(
-                        "redis publish failed", extra={"channel": channel, "error": repr(exc)}
+                        "redis publish failed",
+                        extra={"events": len(batch), "error": repr(exc)},
                     )
                     return
 
