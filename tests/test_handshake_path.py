@@ -1,6 +1,6 @@
 """The WebSocket handshake's fast path: the one-statement principal read (still read at every
-handshake: revocation and disabling act at once; storage failures still close 1013), and the
-lighter queue and event of our uvicorn protocol."""
+handshake: revocation and disabling act at once; storage failures still close 1013; concurrent
+checks share a statement), and the lighter queue and event of our uvicorn protocol."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from chat_service.clock import utcnow
 from chat_service.db import create_session_factory
+from chat_service.domain.accounts import _padded
+from chat_service.errors import Unauthorized
 from chat_service.server import Flag, Inbox
 from tests.conftest import LiveServer
 from tests.helpers import API, free_port
@@ -93,6 +96,51 @@ async def test_the_principal_holds_plain_values(h: Harness) -> None:
     principal = await h.server.app.state.accounts.authenticate(alice.token)
     assert principal.user.summary().model_dump() == alice.summary
     assert not hasattr(principal.user, "__dict__")  # slots: no ORM state per socket
+
+
+async def test_concurrent_token_checks_share_a_statement_and_each_gets_its_own_answer(
+    h: Harness,
+) -> None:
+    alice, bob, carol = [await h.signup(name) for name in ("alice", "bob", "carol")]
+    accounts = h.server.app.state.accounts
+    codec = accounts._codec
+    response = await h.http.post(
+        f"{API}/auth/logout", json={"refresh_token": carol.refresh_token}, headers=carol.headers
+    )
+    assert response.status_code == 204, response.text
+    # Signed, but naming bob's session for alice: the session must be its subject's.
+    bobs_session = codec.decode(bob.token).session_id
+    crossed, _ = codec.encode(alice.id, bobs_session, utcnow())
+    statements: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if "auth_sessions" in statement:
+            statements.append(statement)
+
+    engine = h.server.app.state.engine.sync_engine
+    sa.event.listen(engine, "before_cursor_execute", record)
+    try:
+        tokens = [alice.token, bob.token, crossed, carol.token] * 10
+        answers = await asyncio.gather(
+            *(accounts.authenticate(token) for token in tokens), return_exceptions=True
+        )
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", record)
+    for answer, expected in zip(answers, [alice.id, bob.id, None, None] * 10, strict=True):
+        if expected is None:
+            assert isinstance(answer, Unauthorized), answer
+            assert answer.code == "session_revoked"
+        else:
+            assert not isinstance(answer, BaseException), answer
+            assert answer.user.id == expected
+    assert 1 <= len(statements) <= 2, statements  # 40 checks, not 40 statements
+
+
+def test_a_batch_of_session_ids_is_padded_to_a_power_of_two() -> None:
+    assert _padded(["a"]) == ["a"]
+    assert _padded(["a", "b", "c"]) == ["a", "b", "c", "c"]
+    assert len(_padded([str(i) for i in range(33)])) == 64
+    assert len(_padded([str(i) for i in range(64)])) == 64
 
 
 # --- the protocol's queue and event ---------------------------------------------------------------

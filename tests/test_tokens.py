@@ -15,6 +15,7 @@ from jose import jwt
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import SQLModel
 
+from chat_service.security import tokens
 from chat_service.security.tokens import (
     REQUIRED_CLAIMS,
     AccessTokenCodec,
@@ -125,6 +126,64 @@ def test_codec_accepts_a_hand_made_valid_token() -> None:
     """The forging helpers make acceptable tokens, so each rejection below is the attack's doing."""
     decoded = codec().decode(forge(claims_for("user-1", "session-1")))
     assert (decoded.user_id, decoded.session_id) == ("user-1", "session-1")
+
+
+@pytest.fixture
+def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every token python-jose verifies from here on."""
+    verified: list[str] = []
+    verify = tokens.jwt.decode
+
+    def counting(token: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        verified.append(token)
+        return verify(token, *args, **kwargs)
+
+    monkeypatch.setattr(tokens.jwt, "decode", counting)
+    return verified
+
+
+def test_a_verified_token_is_kept_and_its_expiry_still_checked(
+    verifications: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kept = codec()
+    token, _ = kept.encode("user-1", "session-1", datetime.now(UTC))
+    first, second = kept.decode(token), kept.decode(token)
+    assert first == second
+    assert verifications == [token]  # verified once
+    monkeypatch.setattr(tokens, "epoch_s", lambda: first.expiry_s)
+    assert kept.decode(token) == first  # `exp` itself is still valid, as python-jose has it
+    monkeypatch.setattr(tokens, "epoch_s", lambda: first.expiry_s + 1)
+    with pytest.raises(TokenError) as caught:
+        kept.decode(token)
+    assert caught.value.expired is True
+
+
+def test_a_kept_token_does_not_vouch_for_a_tampered_copy() -> None:
+    kept = codec()
+    token, _ = kept.encode("user-1", "session-1", datetime.now(UTC))
+    kept.decode(token)
+    for tampered in (with_payload(token, sub="user-2"), with_flipped_signature(token)):
+        with pytest.raises(TokenError):
+            kept.decode(tampered)
+    assert kept.decode(token).user_id == "user-1"
+
+
+def test_the_kept_tokens_are_bounded_and_the_oldest_goes_first(verifications: list[str]) -> None:
+    kept = AccessTokenCodec(
+        secret=TEST_JWT_SECRET,
+        algorithm="HS256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        ttl_s=900,
+        verified_kept=2,
+    )
+    now = datetime.now(UTC)
+    first, second, third = (kept.encode("user-1", f"session-{n}", now)[0] for n in range(3))
+    for token in (first, second, third, third, second):
+        kept.decode(token)
+    assert verifications == [first, second, third]
+    kept.decode(first)  # pushed out by the third
+    assert verifications == [first, second, third, first]
 
 
 def test_codec_rejects_tampered_payload() -> None:

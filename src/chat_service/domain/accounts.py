@@ -19,6 +19,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from chat_service.clock import utcnow
 from chat_service.db import SessionFactory, statement_options
 from chat_service.domain.events import Event, EventSink
+from chat_service.domain.group_commit import GroupCommit
 from chat_service.errors import Conflict, Forbidden, RateLimited, Unauthorized
 from chat_service.models import AuthSession, RefreshToken, User, WsTicket
 from chat_service.ratelimit import RateLimiter, Rule, Usage, rate_limit_headers
@@ -91,6 +92,11 @@ class AccountService:
         self._signup_rule = Rule.parse("signup-ip", settings.signup_ip_limit)
         self._login_ip_rule = Rule.parse("login-ip", settings.login_ip_limit)
         self._login_account_rule = Rule.parse("login-account", settings.login_account_limit)
+        # Concurrent token checks share one statement: those that arrive while a read is in
+        # flight go into the next one (nothing waits on a timer; a lone check reads at once).
+        self._standing_reads = GroupCommit[_TokenSubject, _StandingRow | None](
+            self._read_standings, MAX_STANDING_BATCH
+        )
 
     async def signup(self, data: UserCreate, client_ip: str) -> Outcome:
         usage = await self._limiter.hit(self._signup_rule, client_ip)
@@ -246,19 +252,32 @@ class AccountService:
 
         Every REST call and WebSocket handshake runs this, so the check is one prebuilt
         statement below the ORM, read in autocommit on Postgres (no BEGIN and ROLLBACK round
-        trips). It reads the database each time: a revoked session or a disabled account is
-        refused at the very next call, on every worker."""
+        trips), shared by the checks that arrive together. It reads the database each time:
+        a revoked session or a disabled account is refused at the very next call, on every
+        worker. (Only the token's signature is verified once and remembered.)"""
         try:
             claims = self._codec.decode(access_token)
         except TokenError as exc:
             if exc.expired:
                 raise Unauthorized("The access token has expired", code="token_expired") from exc
             raise Unauthorized("Invalid access token") from exc
-        params = {"session_id": claims.session_id, "user_id": claims.user_id}
+        subject = _TokenSubject(claims.session_id, claims.user_id)
+        row = await self._standing_reads.enqueue(subject)
+        return _principal(row, claims.session_id, claims.expires_at)
+
+    async def _read_standings(self, subjects: list[_TokenSubject]) -> list[_StandingRow | None]:
+        """One statement for a batch of token checks; each gets its session's row only if the
+        session is its token's subject's."""
+        session_ids = _padded(sorted({subject.session_id for subject in subjects}))
         async with self._sessions() as db:
             connection = await db.connection(execution_options=statement_options(db))
-            row = (await connection.execute(TOKEN_STANDING, params)).first()
-        return _principal(row, claims.session_id, claims.expires_at)
+            result = await connection.execute(STANDINGS, {"session_ids": session_ids})
+            found = {row[0]: tuple(row[1:]) for row in result}
+        rows = [found.get(subject.session_id) for subject in subjects]
+        return [
+            row if row is not None and row[0] == subject.user_id else None
+            for row, subject in zip(rows, subjects, strict=True)
+        ]
 
     async def _open_session(self, db: AsyncSession, user: User) -> AuthResult:
         session = AuthSession(user_id=user.id)
@@ -304,8 +323,32 @@ SESSION_STANDING = (
         _AUTH_SESSIONS.c.revoked_at.is_(None),
     )
 )
-# An access token's: the session must also be its subject's.
-TOKEN_STANDING = SESSION_STANDING.where(_USERS.c.id == sa.bindparam("user_id"))
+# Many sessions' at once, each row led by its session's id (for access tokens, whose subject
+# must also be the session's user: checked on the rows).
+STANDINGS = (
+    sa.select(_AUTH_SESSIONS.c.id, *SESSION_STANDING.selected_columns)
+    .select_from(_USERS.join(_AUTH_SESSIONS, _AUTH_SESSIONS.c.user_id == _USERS.c.id))
+    .where(
+        _AUTH_SESSIONS.c.id.in_(sa.bindparam("session_ids", expanding=True)),
+        _AUTH_SESSIONS.c.revoked_at.is_(None),
+    )
+)
+MAX_STANDING_BATCH = 64
+
+_StandingRow = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _TokenSubject:
+    session_id: str
+    user_id: str
+
+
+def _padded(ids: list[str]) -> list[str]:
+    """The ids, their last repeated up to a power of two: the statement's text depends on the
+    count, and a few counts keep the driver's prepared statements few."""
+    size = 1 << (len(ids) - 1).bit_length()
+    return ids + ids[-1:] * (size - len(ids))
 
 
 def _principal(row: Sequence[Any] | None, session_id: str, expires_at: datetime) -> Principal:

@@ -4,13 +4,14 @@ next one together.
 Nothing waits on a timer: a lone request is stored at once, and under load each transaction
 takes everything that queued up behind the previous one (up to `max_batch`). Each caller gets
 its own outcome (a result or an exception) once the transaction holding its request has
-committed or failed.
+committed or failed. Reads batch the same way: the access-token checks share one statement
+(domain/accounts.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 Request = TypeVar("Request")
@@ -20,7 +21,7 @@ Result = TypeVar("Result")
 class GroupCommit(Generic[Request, Result]):
     def __init__(
         self,
-        store: Callable[[list[Request]], Awaitable[list[Result | BaseException]]],
+        store: Callable[[list[Request]], Awaitable[Sequence[Result | BaseException]]],
         max_batch: int,
     ) -> None:
         self._store = store
