@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from typing import Any
 
@@ -15,6 +16,8 @@ from chat_service.domain.events import Event
 from tests.conftest import AppFactory, client_for
 from tests.helpers import API, bearer, signup
 from tests.test_auth import assert_error
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 Headers = dict[str, str]
 
@@ -492,13 +495,35 @@ async def test_rest_sends_share_the_message_rate_limit(app_factory: AppFactory) 
         assert (await history(client, room, alice))["items"][-1]["body"] == "m2"
 
 
+@pytest.mark.parametrize("counters", ["memory://", REDIS_URL])
 async def test_concurrent_sends_are_group_committed_each_with_its_own_answer(
-    app_factory: AppFactory,
+    app_factory: AppFactory, counters: str
 ) -> None:
     """Sends that arrive together share transactions (domain/group_commit.py), yet each gets
-    the answer it would get alone, and every room's seqs stay 1..n in announcement order."""
-    app = await app_factory(message_rate_per_s=100, message_burst=30)
+    the answer it would get alone, and every room's seqs stay 1..n in announcement order.
+    With shared counters, different users' sends are counted at once, each user's in order."""
+    app = await app_factory(
+        message_rate_per_s=100,
+        message_burst=30,
+        rate_limit_storage_url=counters,
+        signup_ip_limit="1000/second",  # counters on Redis outlive the test: a key of its own
+    )
     service = app.state.messages
+    limiter = app.state.limiter
+    counting = 0
+    most_at_once = 0
+    allow = limiter.allow
+
+    async def allow_counted(rule: Any, key: str) -> bool:
+        nonlocal counting, most_at_once
+        counting += 1
+        most_at_once = max(most_at_once, counting)
+        try:
+            return await allow(rule, key)
+        finally:
+            counting -= 1
+
+    limiter.allow = allow_counted
     seen: list[Event] = []
     app.state.events.subscribe(seen.append)
     commits: list[int] = []
@@ -534,8 +559,13 @@ async def test_concurrent_sends_are_group_committed_each_with_its_own_answer(
     )
     answers = dict(zip([s[3] or s[2] for s in sends[-6:]], outcomes[-6:], strict=True))
 
-    refused = [o for o in outcomes[:32] if isinstance(o, Exception)]
-    assert [getattr(o, "code", o) for o in refused] == ["rate_limited"] * 2, refused
+    refused = {n: o for n, o in enumerate(outcomes[:32]) if isinstance(o, Exception)}
+    assert list(refused) == [30, 31], refused  # counted in the order sent
+    assert [getattr(o, "code", o) for o in refused.values()] == ["rate_limited"] * 2, refused
+    if counters == "memory://":
+        assert most_at_once == 1, most_at_once
+    else:
+        assert most_at_once > 1, most_at_once  # up to one per user (4 here)
     first, second = outcomes[-6], outcomes[-5]
     assert (first.created, second.created) == (True, False), (first, second)
     assert first.message == second.message

@@ -84,6 +84,11 @@ class RateLimiter:
         self._shared = None if _is_in_process(storage_url) else _shared_strategy(storage_url)
         self._local = LocalWindows(clock)
 
+    @property
+    def shared(self) -> bool:
+        """Counters in a shared store: each count is a network round trip."""
+        return self._shared is not None
+
     async def usage(self, rule: Rule, key: str) -> Usage:
         if self._shared is not None:
             try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from limits import RateLimitItemPerSecond
@@ -68,6 +68,9 @@ _Pending = Sent | BaseException | _Same | None
 
 # Sends stored by one transaction at most; more wait for the next one.
 MAX_BATCH = 256
+# Users whose sends a batch counts against the rate limit at once, when the counters are
+# shared (Redis): each count is a round trip, awaited with the batch's transaction open.
+RATE_COUNT_LANES = 8
 
 
 class MessageService:
@@ -154,25 +157,37 @@ class MessageService:
     ) -> list[int]:
         """Settle the drafts that store nothing (no access, a resend, over the rate limit)
         in `outcomes`; return the indexes of those to store. Only resends are free: sends
-        refused for access count against the rate limit too (each costs queries)."""
+        refused for access count against the rate limit too (each costs queries).
+
+        Each user's drafts are settled in order; different users' may be counted at once
+        (everything here is per user: the rate limit's key and the client_ids)."""
+        by_user: dict[str, list[int]] = {}
+        for index, draft in enumerate(drafts):
+            by_user.setdefault(draft.user_id, []).append(index)
         first_of: dict[tuple[str, str], int] = {}
         fresh: list[int] = []
-        for index, draft in enumerate(drafts):
-            key = (draft.user_id, draft.client_id) if draft.client_id is not None else None
-            allowed_in = index not in facts.denied
-            if allowed_in and key is not None and key in facts.originals:
-                outcomes[index] = _resend(facts.originals[key], draft.room_id)
-            elif allowed_in and key is not None and key in first_of:
-                outcomes[index] = _Same(first_of[key])  # sent twice in one batch
-            elif not await self._limiter.allow(self._rate, draft.user_id):
-                outcomes[index] = await self._limiter.refusal(self._rate, draft.user_id)
-            elif not allowed_in:
-                outcomes[index] = facts.denied[index]
-            else:
-                if key is not None:
-                    first_of[key] = index
-                fresh.append(index)
-        return fresh
+
+        async def settle(indexes: list[int]) -> None:
+            for index in indexes:
+                draft = drafts[index]
+                key = (draft.user_id, draft.client_id) if draft.client_id is not None else None
+                allowed_in = index not in facts.denied
+                if allowed_in and key is not None and key in facts.originals:
+                    outcomes[index] = _resend(facts.originals[key], draft.room_id)
+                elif allowed_in and key is not None and key in first_of:
+                    outcomes[index] = _Same(first_of[key])  # sent twice in one batch
+                elif not await self._limiter.allow(self._rate, draft.user_id):
+                    outcomes[index] = await self._limiter.refusal(self._rate, draft.user_id)
+                elif not allowed_in:
+                    outcomes[index] = facts.denied[index]
+                else:
+                    if key is not None:
+                        first_of[key] = index
+                    fresh.append(index)
+
+        lanes = RATE_COUNT_LANES if self._limiter.shared else 1
+        await _in_lanes(settle, list(by_user.values()), lanes)
+        return sorted(fresh)
 
     async def _send_alone(self, draft: Draft) -> Sent | BaseException:
         try:
@@ -340,3 +355,25 @@ async def _message(db: AsyncSession, room_id: str, seq: int) -> Message:
     if message is None:
         raise NotFound("Message not found", code="message_not_found")
     return message
+
+
+async def _in_lanes(
+    work: Callable[[list[int]], Awaitable[None]], items: list[list[int]], lanes: int
+) -> None:
+    """`work` on every item, at most `lanes` at a time (each lane takes the next item)."""
+    waiting = iter(items)
+
+    async def lane() -> None:
+        for item in waiting:
+            await work(item)
+
+    if lanes == 1:
+        await lane()
+        return
+    tasks = [asyncio.create_task(lane()) for _ in range(min(lanes, len(items)))]
+    try:
+        await asyncio.gather(*tasks)  # the first error as it was raised
+    except BaseException:
+        for task in tasks:  # one lane failing stops the others
+            task.cancel()
+        raise
