@@ -8,7 +8,9 @@ another against a throwaway database on the local Postgres, through:
 - `pooled-raw`: a pooled connection, the statement sent with asyncpg's own `fetch`;
 - `held-core` / `held-raw`: the same two on a connection held out of the pool;
 - `asyncpg`: a plain asyncpg connection, no SQLAlchemy at all;
-- `checkout`: a pooled connection taken and given back, no statement.
+- `checkout`: a pooled connection taken and given back, no statement;
+- `rest`: the whole `GET /api/v1/users/me` around it (the app in this process, called through
+  httpx's ASGI transport, so the client's CPU is counted too).
 
 Prints the process CPU time per call (the event loop's own work included, the same in every
 row). The layers run in turn, twice, so a change in the machine's speed shows as a
@@ -27,7 +29,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
+import httpx
 
+from chat_service.app import create_app
 from chat_service.db import create_engine, create_session_factory, migrate, statement_options
 from chat_service.domain.accounts import STANDINGS
 from chat_service.settings import Settings
@@ -100,6 +104,14 @@ async def run(server: str, calls: int) -> None:
         async def held_core() -> object:
             return (await held.execute(STANDINGS, params)).all()
 
+        app = create_app(settings.model_copy(update={"jwt_secret": uuid.uuid4().hex * 2}))
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app")
+        signup = {"username": "micro", "password": "correct horse battery staple"}
+        token = (await client.post("/api/v1/auth/signup", json=signup)).json()["access_token"]
+        bearer = {"Authorization": f"Bearer {token}"}
+
         layers: dict[str, Callable[[], Awaitable[object]]] = {
             "session": session,
             "core": core,
@@ -108,6 +120,7 @@ async def run(server: str, calls: int) -> None:
             "held-raw": lambda: held_driver.fetch(RAW_STANDINGS, ["s1"]),
             "asyncpg": lambda: plain.fetch(RAW_STANDINGS, ["s1"]),
             "checkout": checkout,
+            "rest": lambda: client.get("/api/v1/users/me", headers=bearer),
         }
         try:
             for number in (1, 2):
@@ -115,6 +128,8 @@ async def run(server: str, calls: int) -> None:
                     figure = await per_call_us(call, calls)
                     print(f"pass {number}  {name:<11} {figure:6.0f} µs CPU per call")  # noqa: T201
         finally:
+            await client.aclose()
+            await lifespan.__aexit__(None, None, None)
             await held.close()
             await engine.dispose()
             await plain.close()

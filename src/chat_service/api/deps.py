@@ -17,7 +17,7 @@ from chat_service.errors import Unauthorized
 bearer_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
 
 
-def get_accounts(request: Request) -> AccountService:
+async def get_accounts(request: Request) -> AccountService:
     accounts: AccountService = request.app.state.accounts
     return accounts
 
@@ -25,7 +25,7 @@ def get_accounts(request: Request) -> AccountService:
 AccountsDep = Annotated[AccountService, Depends(get_accounts)]
 
 
-def get_rooms(request: Request) -> RoomService:
+async def get_rooms(request: Request) -> RoomService:
     rooms: RoomService = request.app.state.rooms
     return rooms
 
@@ -33,7 +33,7 @@ def get_rooms(request: Request) -> RoomService:
 RoomsDep = Annotated[RoomService, Depends(get_rooms)]
 
 
-def get_messages(request: Request) -> MessageService:
+async def get_messages(request: Request) -> MessageService:
     messages: MessageService = request.app.state.messages
     return messages
 
@@ -41,7 +41,7 @@ def get_messages(request: Request) -> MessageService:
 MessagesDep = Annotated[MessageService, Depends(get_messages)]
 
 
-def get_history(request: Request) -> HistoryService:
+async def get_history(request: Request) -> HistoryService:
     history: HistoryService = request.app.state.history
     return history
 
@@ -60,7 +60,7 @@ async def get_principal(
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
-def client_ip(request: Request) -> str:
+async def client_ip(request: Request) -> str:
     """The peer address (uvicorn rewrites it from X-Forwarded-For for trusted proxies only)."""
     return request.client.host if request.client else "unknown"
 
