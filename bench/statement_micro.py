@@ -3,7 +3,9 @@
 The token check's read (`domain/accounts.py` `STANDINGS`, one session id) run one after
 another against a throwaway database on the local Postgres, through:
 
-- `session`: an ORM session and its connection, as the service reads (autocommit);
+- `session`: an ORM session and its connection (autocommit), as the token check read
+  before it kept a connection;
+- `kept`: `db.HeldConnection`, as the token check reads now;
 - `core`: a pooled connection and SQLAlchemy Core's execute;
 - `pooled-raw`: a pooled connection, the statement sent with asyncpg's own `fetch`;
 - `held-core` / `held-raw`: the same two on a connection held out of the pool;
@@ -32,7 +34,13 @@ import asyncpg
 import httpx
 
 from chat_service.app import create_app
-from chat_service.db import create_engine, create_session_factory, migrate, statement_options
+from chat_service.db import (
+    HeldConnection,
+    create_engine,
+    create_session_factory,
+    migrate,
+    statement_options,
+)
 from chat_service.domain.accounts import STANDINGS
 from chat_service.settings import Settings
 
@@ -97,6 +105,7 @@ async def run(server: str, calls: int) -> None:
             async with engine.connect() as connection:
                 return connection
 
+        kept = HeldConnection(engine)
         held = await engine.connect()
         await held.execution_options(isolation_level="AUTOCOMMIT")
         held_driver = (await held.get_raw_connection()).driver_connection
@@ -114,6 +123,7 @@ async def run(server: str, calls: int) -> None:
 
         layers: dict[str, Callable[[], Awaitable[object]]] = {
             "session": session,
+            "kept": lambda: kept.all(STANDINGS, params),
             "core": core,
             "pooled-raw": pooled_raw,
             "held-core": held_core,
@@ -131,6 +141,7 @@ async def run(server: str, calls: int) -> None:
             await client.aclose()
             await lifespan.__aexit__(None, None, None)
             await held.close()
+            await kept.close()
             await engine.dispose()
             await plain.close()
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from chat_service.clock import utcnow
-from chat_service.db import create_session_factory
+from chat_service.db import HeldConnection
 from chat_service.domain.accounts import _padded
 from chat_service.errors import Unauthorized
 from chat_service.server import Flag, Inbox
@@ -72,13 +72,13 @@ async def test_a_storage_failure_in_the_handshake_closes_1013_and_rest_answers_5
 ) -> None:
     alice = await h.signup("alice")
     accounts = h.server.app.state.accounts
-    # The accounts' sessions pointed at a database that cannot be reached (of the same kind).
+    # The accounts' token reads pointed at a database that cannot be reached (of the same kind).
     if h.server.app.state.engine.dialect.name == "sqlite":
         url = "sqlite+aiosqlite:////nonexistent-directory/chat.db"
     else:
         url = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none"
     unreachable = create_async_engine(url)
-    monkeypatch.setattr(accounts, "_sessions", create_session_factory(unreachable))
+    monkeypatch.setattr(accounts, "_token_reads", HeldConnection(unreachable))
     try:
         client = await h.open(headers=alice.headers)
         assert await client.expect_close(1013) == []

@@ -22,7 +22,7 @@ from chat_service.api.request_ids import HEADER as REQUEST_ID_HEADER
 from chat_service.api.request_ids import RequestIdMiddleware
 from chat_service.api.ws import WebSocketEndpoints
 from chat_service.broker import REDIS_SCHEMES, broker_from_url
-from chat_service.db import create_engine, create_session_factory
+from chat_service.db import HeldConnection, create_engine, create_session_factory
 from chat_service.domain.accounts import AccountService
 from chat_service.domain.events import EventBus
 from chat_service.domain.history import HistoryService
@@ -108,7 +108,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.broker_url.startswith(REDIS_SCHEMES)
         else LocalPresence(hub, events)
     )
-    accounts = AccountService(sessions, hasher, codec, limiter, events, settings)
+    token_reads = HeldConnection(engine)
+    accounts = AccountService(sessions, token_reads, hasher, codec, limiter, events, settings)
     rooms = RoomService(sessions, events, online_ids=presence.online_ids)
     messages = MessageService(sessions, events, limiter, settings)
     history = HistoryService(sessions)
@@ -159,6 +160,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await presence.stop()  # its last `offline` events still go out through the fan-out
         await fanout.stop()
         hasher.close()
+        await token_reads.close()
         await engine.dispose()
 
 
