@@ -22,6 +22,8 @@ import pytest
 
 from chat_service.bench.command import _options, build_parser
 from chat_service.bench.runner import Bench
+from chat_service.bench.scenarios.sweeps import _best_ingest
+from chat_service.bench.stats import Percentiles, StepResult
 from tests.conftest import DEFAULT_SERVER_URL
 
 pytestmark = pytest.mark.backend_independent(suite="postgres")  # see tests/conftest.py
@@ -187,3 +189,40 @@ def test_a_source_runs_alternated_with_ours_from_its_own_code(
             assert step["extra"]["logins_ok"] == step["extra"]["logins_offered"] > 0, where
     markdown = (tmp_path / "login-storm.md").read_text()
     assert "| chat-service@copy | storm | 1 |" in markdown
+
+
+def _ingest_step(offered: float, acked_share: float, ack_p99_ms: float) -> StepResult:
+    sent = int(offered * 5)
+    acks = int(sent * acked_share)
+    return StepResult(
+        target="chat-service",
+        round=1,
+        label=f"{offered:.0f}/s",
+        offered_per_s=offered,
+        duration_s=5.0,
+        sent=sent,
+        expected=sent * 5,
+        delivered=sent * 5,
+        lost=0,
+        late=0,
+        acks=acks,
+        delivered_per_s=sent * 5 / 5.01,
+        acks_per_s=acks / 5.01,  # the window runs to the last delivery: a little over 5 s
+        latency_ms=None,
+        ack_latency_ms=Percentiles(count=acks, p50=1.0, p90=2.0, p99=ack_p99_ms, max=ack_p99_ms),
+    )
+
+
+def test_ingest_is_judged_by_the_highest_rate_whose_every_send_was_acked_in_time() -> None:
+    steps = [
+        _ingest_step(4000, 1.0, 10.0),
+        _ingest_step(5000, 1.0, 30.0),  # every send acked: 4,990 acks/s over its window
+        _ingest_step(5500, 0.999, 30.0),  # one in a thousand never acked
+        _ingest_step(6000, 1.0, 80.0),  # acked, but too slowly
+    ]
+    best = _best_ingest(steps)
+    assert best is not None
+    assert best.offered_per_s == 5000
+    assert best.acks_per_s is not None
+    assert best.acks_per_s < 5000
+    assert _best_ingest(steps[2:]) is None

@@ -114,11 +114,22 @@ async def ingest(bench: Bench, config: IngestConfig, command: list[str]) -> Scen
     chat = [s for s in report.steps if s.target == CHAT_SERVICE]
     if chat:
         best = _best_ingest(chat)
-        met = best is not None and best >= 5000
-        report.summary["target_5000_acked_per_s"] = {"best_acked_per_s": best, "met": met}
+        met = best is not None and best.offered_per_s >= 5000
+        report.summary["target_5000_acked_per_s"] = {
+            "best_held_per_s": best.offered_per_s if best else None,
+            "acks_per_s_there": best.acks_per_s if best else None,
+            "met": met,
+        }
         report.sections += [
-            f"Target: ≥ 5,000 stored and acked messages/s with ack p99 ≤ 50 ms: best held "
-            f"{rpt.fmt(best, 0)} acks/s: {'met' if met else 'NOT met'}.",
+            "Target: ≥ 5,000 stored and acked messages/s with ack p99 ≤ 50 ms: best held "
+            + (
+                f"{rpt.fmt(best.offered_per_s, 0)} msg/s, every send acked "
+                f"({rpt.fmt(best.acks_per_s, 0)} acks/s over the window up to the last "
+                "delivery)"
+                if best
+                else "none"
+            )
+            + f": {'met' if met else 'NOT met'}.",
             "",
         ]
     chart(
@@ -129,17 +140,19 @@ async def ingest(bench: Bench, config: IngestConfig, command: list[str]) -> Scen
     return report
 
 
-def _best_ingest(steps: Sequence[StepResult]) -> float | None:
-    """Highest acks/s among steps with every ack in, ack p99 ≤ 50 ms, and no error."""
+def _best_ingest(steps: Sequence[StepResult]) -> StepResult | None:
+    """The step at the highest offered rate with every send acked (so stored), ack p99
+    ≤ 50 ms and no error. Judged by the offered rate: its acks/s divides by a window that
+    ends at the last delivery, so a step that acked all of 5,000/s reads a little under."""
     good = [
-        s.acks_per_s or 0.0
+        s
         for s in steps
         if s.acks == s.sent
         and not s.errors
         and s.ack_latency_ms is not None
         and s.ack_latency_ms.p99 <= P99_TARGET_MS
     ]
-    return max(good) if good else None
+    return max(good, key=lambda s: s.offered_per_s, default=None)
 
 
 async def _ingest_run(
