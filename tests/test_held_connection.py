@@ -1,7 +1,7 @@
-"""The connection kept for token checks (`db.HeldConnection`): many reads on one checkout, each
-read seeing what was committed before it (no snapshot or lock kept between reads, on either
-backend), a dropped or cancelled connection replaced without failing the next read, and the
-connection given back on close."""
+"""The connection kept for token checks and send batches (`db.HeldConnection`): many reads on
+one checkout, each read seeing what was committed before it (no snapshot or lock kept between
+reads, on either backend), work committed as it returns, a dropped or cancelled connection
+replaced without failing the next use, and the connection given back on close."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from chat_service.db import HeldConnection, create_engine
 from chat_service.models import User
@@ -19,6 +19,10 @@ from tests.conftest import ephemeral_postgres
 
 USER_COUNT = sa.select(sa.func.count()).select_from(User.__table__)  # type: ignore[arg-type]
 BACKEND_PID = sa.text("SELECT pg_backend_pid()")
+INSERT_USER = sa.text(
+    "INSERT INTO users (id, username, username_key, display_name, password_hash, created_at,"
+    " disabled) VALUES (:id, :id, :id, :id, 'x', CURRENT_TIMESTAMP, false)"
+)
 
 
 @pytest.fixture
@@ -42,14 +46,7 @@ async def test_reads_share_one_checkout_and_each_sees_the_latest_commit(
             # A write between reads: it would wait on a lock (SQLite) and the next read would
             # see an old snapshot if a read left its transaction open.
             async with service_engine.begin() as writer:
-                await writer.execute(
-                    sa.text(
-                        "INSERT INTO users (id, username, username_key, display_name,"
-                        " password_hash, created_at, disabled)"
-                        " VALUES (:id, :id, :id, :id, 'x', CURRENT_TIMESTAMP, false)"
-                    ),
-                    {"id": f"user{n}"},
-                )
+                await writer.execute(INSERT_USER, {"id": f"user{n}"})
         assert (await held.all(USER_COUNT, {}))[0][0] == 5
         # One checkout for the held connection, one per write.
         assert len(checkouts) == 1 + 5
@@ -71,6 +68,30 @@ async def test_a_failed_read_raises_and_the_next_read_gets_a_working_connection(
         assert service_engine.sync_engine.pool.checkedout() == 1  # type: ignore[attr-defined]
     finally:
         await held.close()
+
+
+async def test_work_is_committed_when_it_returns_and_a_failure_keeps_no_transaction_open(
+    service_engine: AsyncEngine,
+) -> None:
+    held = HeldConnection(service_engine)
+
+    async def insert_then_fail(connection: AsyncConnection) -> None:
+        await connection.execute(INSERT_USER, {"id": "second"})
+        raise RuntimeError("the work failed after a statement")
+
+    try:
+        await held.run(lambda connection: connection.execute(INSERT_USER, {"id": "first"}))
+        with pytest.raises(RuntimeError):
+            await held.run(insert_then_fail)
+        await held.run(lambda connection: connection.execute(INSERT_USER, {"id": "third"}))
+    finally:
+        await held.close()
+    async with service_engine.connect() as other:
+        ids = set((await other.execute(sa.text("SELECT id FROM users"))).scalars())
+    # Postgres runs in autocommit: each statement committed as it ended. SQLite: the failed
+    # work's transaction was rolled back with it.
+    postgres = service_engine.dialect.name == "postgresql"
+    assert ids == ({"first", "second", "third"} if postgres else {"first", "third"})
 
 
 # --- Postgres going away under a kept connection (its own database: backend independent) ------

@@ -111,7 +111,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     token_reads = HeldConnection(engine)
     accounts = AccountService(sessions, token_reads, hasher, codec, limiter, events, settings)
     rooms = RoomService(sessions, events, online_ids=presence.online_ids)
-    messages = MessageService(sessions, events, limiter, settings)
+    batch_writes = HeldConnection(engine)
+    messages = MessageService(sessions, batch_writes, events, limiter, settings)
     history = HistoryService(sessions)
     gateway = Gateway(
         settings=settings,
@@ -161,6 +162,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await fanout.stop()
         hasher.close()
         await token_reads.close()
+        await batch_writes.close()
         await engine.dispose()
 
 

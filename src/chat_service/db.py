@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from alembic.config import Config
@@ -24,6 +24,7 @@ from chat_service.settings import Settings
 log = logging.getLogger(__name__)
 
 SessionFactory = async_sessionmaker[AsyncSession]
+T = TypeVar("T")
 
 # A pooled connection idle longer than this is pinged before it is handed out.
 PING_AFTER_IDLE_S = 10.0
@@ -118,62 +119,77 @@ def statement_options(db: AsyncSession) -> dict[str, Any]:
 
 
 class HeldConnection:
-    """One pooled connection kept for a stream of small standalone reads, one at a time.
+    """One pooled connection kept for a stream of small standalone units of work, one at a
+    time: the token checks' reads, the send batches.
 
     A small read through an ORM session on a connection checked out for it costs this
     process 2.5 times the CPU of the same read on a kept connection (bench/statement_micro.py:
     454-736 against 179-232 µs): the session, the checkout and check-in, and setting
-    autocommit each time. The token check that every handshake and REST call runs reads
-    through one of these.
+    autocommit each time.
 
-    It takes its connection from the engine's pool at its first read and keeps it until
-    `close()`, so it counts against the pool size. Reads are in autocommit on Postgres; on
-    SQLite each read's transaction is ended with it, so no lock or snapshot outlives a read.
-    A connection that fails is thrown away; a read that finds its kept connection closed
-    (Postgres restarted since) is tried once more on a new one, as the pool would have
-    replaced it; a timeout is not retried. Callers must not overlap reads (GroupCommit runs
-    one batch at a time)."""
+    It takes its connection from the engine's pool at its first use and keeps it until
+    `close()`, so it counts against the pool size. Work runs in autocommit on Postgres (each
+    statement commits as it ends); on SQLite in one transaction, committed when the work
+    returns, so no lock or snapshot outlives it. A connection that fails is thrown away, and
+    one that Postgres closed meanwhile (a restart: asyncpg notices by itself) is replaced
+    before use, as the pool does (`_ping_idle_connections`). Callers must not overlap their
+    work (GroupCommit runs one batch at a time)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._autocommit = engine.dialect.name == "postgresql"
+        self._postgres = engine.dialect.name == "postgresql"
         self._connection: AsyncConnection | None = None
 
     async def all(self, statement: sa.Executable, params: dict[str, Any]) -> Sequence[sa.Row[Any]]:
-        kept = self._connection is not None
+        """A read's rows; tried once more on a new connection if the server closed the kept
+        one just as the read went out (a read is safe to repeat)."""
+
+        async def read(connection: AsyncConnection) -> Sequence[sa.Row[Any]]:
+            return (await connection.execute(statement, params)).all()
+
         try:
-            return await self._read(statement, params)
+            return await self.run(read)
         except sa.exc.DBAPIError as exc:
-            if not (kept and exc.connection_invalidated):
+            if not exc.connection_invalidated:
                 raise
-        return await self._read(statement, params)
+        return await self.run(read)
+
+    async def run(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """`work` on the kept connection, never retried (it may have written)."""
+        connection = await self._usable()
+        try:
+            if self._postgres:
+                return await work(connection)
+            async with connection.begin():
+                return await work(connection)
+        except BaseException:
+            await self._discard()
+            raise
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
 
-    async def _read(
-        self, statement: sa.Executable, params: dict[str, Any]
-    ) -> Sequence[sa.Row[Any]]:
-        connection = self._connection or await self._connect()
-        try:
-            rows = (await connection.execute(statement, params)).all()
-            if not self._autocommit:
-                await connection.rollback()
-        except BaseException:
-            self._connection = None
+    async def _discard(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
             await connection.invalidate()
             await connection.close()
-            raise
-        return rows
 
-    async def _connect(self) -> AsyncConnection:
-        connection = await self._engine.connect()
-        if self._autocommit:
-            await connection.execution_options(isolation_level="AUTOCOMMIT")
-        self._connection = connection
-        return connection
+    async def _usable(self) -> AsyncConnection:
+        if self._connection is not None and self._closed_by_server(self._connection):
+            await self._discard()
+        if self._connection is None:
+            self._connection = await self._engine.connect()
+            if self._postgres:
+                await self._connection.execution_options(isolation_level="AUTOCOMMIT")
+        return self._connection
+
+    def _closed_by_server(self, connection: AsyncConnection) -> bool:
+        return self._postgres and bool(
+            connection.sync_connection.connection.driver_connection.is_closed()  # type: ignore[union-attr]
+        )
 
 
 def create_session_factory(engine: AsyncEngine) -> SessionFactory:

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 from limits import RateLimitItemPerSecond
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import col, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from chat_service.clock import utcnow
-from chat_service.db import SessionFactory, statement_options
+from chat_service.db import HeldConnection, SessionFactory
 from chat_service.domain import send_batch
 from chat_service.domain.access import OWNER, RoomNotFound, room_access
 from chat_service.domain.events import Event, EventSink, EventType
@@ -77,11 +78,13 @@ class MessageService:
     def __init__(
         self,
         sessions: SessionFactory,
+        batch_writes: HeldConnection,
         events: EventSink,
         limiter: RateLimiter,
         settings: Settings,
     ) -> None:
         self._sessions = sessions
+        self._batch_writes = batch_writes
         self._events = events
         self._limiter = limiter
         self._max_chars = settings.message_max_chars
@@ -123,13 +126,17 @@ class MessageService:
         """One batch of sends (send_batch.py says how it meets the database); each gets its
         message or its error."""
         outcomes: list[_Pending] = [None] * len(drafts)
+
+        async def store(
+            connection: AsyncConnection,
+        ) -> tuple[send_batch.Facts, list[int], send_batch.Stored]:
+            facts = await send_batch.read_facts(connection, drafts)
+            fresh = await self._fresh_drafts(drafts, facts, outcomes)
+            stored = await send_batch.insert(connection, [drafts[i] for i in fresh], utcnow())
+            return facts, fresh, stored
+
         try:
-            async with self._sessions() as db:
-                connection = await db.connection(execution_options=statement_options(db))
-                facts = await send_batch.read_facts(connection, drafts)
-                fresh = await self._fresh_drafts(drafts, facts, outcomes)
-                stored = await send_batch.insert(connection, [drafts[i] for i in fresh], utcnow())
-                await db.commit()
+            facts, fresh, stored = await self._batch_writes.run(store)
         except IntegrityError:
             # A client_id committed concurrently by another transaction (another worker):
             # one at a time, the way that sorts it out. (Fresh drafts pay their rate budget
