@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from fastapi import FastAPI
 
 from chat_service.domain.events import Event
+from chat_service.realtime.fanout import decode_event, encode_event
 from tests.conftest import AppFactory, client_for
 from tests.helpers import API, bearer, signup
 from tests.test_auth import assert_error
@@ -61,8 +62,9 @@ async def chat(client: httpx.AsyncClient) -> tuple[str, Headers, Headers]:
 
 @pytest.fixture
 def events(app: FastAPI) -> list[Event]:
+    """The events published, as the broker carries them to every worker's hub."""
     seen: list[Event] = []
-    app.state.events.subscribe(seen.append)
+    app.state.events.subscribe(lambda event: seen.append(decode_event(encode_event(event))))
     return seen
 
 

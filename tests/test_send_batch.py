@@ -78,16 +78,16 @@ async def test_facts_tell_members_outsiders_and_resends_apart(
     assert sorted(facts.authors) == sorted(
         [(world.public, world.alice), (world.private, world.alice)]
     )
-    assert facts.authors[(world.public, world.alice)].display_name == "Alice"
+    assert facts.authors[(world.public, world.alice)]["display_name"] == "Alice"
     assert {i: type(error) for i, error in facts.denied.items()} == {
         2: NotMember,
         3: RoomNotFound,
         4: RoomNotFound,
     }
     original = facts.originals[(world.alice, "c1")]
-    assert (original.room_id, original.seq, original.body) == (world.public, 3, "earlier")
-    assert original.author.username == "alice"
-    assert original.created_at.utcoffset() is not None, "timestamps come back zone-aware"
+    assert (original["room_id"], original["seq"], original["body"]) == (world.public, 3, "earlier")
+    assert original["author"]["username"] == "alice"
+    assert original["created_at"].utcoffset() is not None, "timestamps come back zone-aware"
 
 
 async def test_insert_numbers_each_room_in_draft_order_and_skips_a_vanished_room(

@@ -791,6 +791,8 @@ async def test_send_acks_then_fans_out_to_every_subscriber(h: Harness) -> None:
         event = await client.recv_type("message.new")
         assert event == {"type": "message.new", "room_id": room, "message": message}
         await client.expect_nothing(skip=SKIP)
+    # The frames carry the message exactly as the REST API gives it, timestamps included.
+    assert await h.history(alice, room) == [message]
 
 
 async def test_resend_with_same_client_id_acks_the_original_once(h: Harness) -> None:

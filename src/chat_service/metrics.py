@@ -16,7 +16,7 @@ import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import prometheus_client
 from prometheus_client import (
@@ -46,6 +46,25 @@ CLOSE_CODES = frozenset(
 )
 ABNORMAL_CLOSE = 1006  # the peer went without a close frame
 TIMED_EVENTS = {"message.new": "created_at", "message.updated": "edited_at"}
+
+
+Labelled = TypeVar("Labelled", Counter, Histogram)
+
+
+class ByLabel(Generic[Labelled]):
+    """A one-label metric's children, each looked up once: `labels()` costs about a
+    microsecond, and these count every frame and every event. (Label values come from
+    fixed sets, so the cache is bounded.)"""
+
+    def __init__(self, metric: Labelled) -> None:
+        self._metric: Labelled = metric
+        self._children: dict[str, Labelled] = {}
+
+    def __call__(self, value: str) -> Labelled:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = self._metric.labels(value)
+        return child
 
 
 class Metrics:
@@ -155,6 +174,9 @@ class Metrics:
             ["reason", "transport"],
             registry=registry,
         )
+        self._frames_received_by_type = ByLabel(self.ws_frames_received)
+        self._events_published_by_type = ByLabel(self.events_published)
+        self._fanout_latency_by_event = ByLabel(self.fanout_latency)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
@@ -183,7 +205,7 @@ class Metrics:
 
     def on_event(self, event: Event) -> None:
         """EventBus subscriber: the events this process publishes, after their commit."""
-        self.events_published.labels(event.type).inc()
+        self._events_published_by_type(event.type).inc()
         if event.type == "message.new":
             self.messages_stored.inc()
 
@@ -197,7 +219,11 @@ class Metrics:
             stored = datetime.fromisoformat(stamp).timestamp()
         except ValueError:
             return
-        self.fanout_latency.labels(event_type).observe(max(0.0, time.time() - stored))
+        self._fanout_latency_by_event(event_type).observe(max(0.0, time.time() - stored))
+
+    def frame_received(self, frame_type: str) -> None:
+        """A client frame of a known type (`frame_type` from the protocol's fixed set)."""
+        self._frames_received_by_type(frame_type).inc()
 
 
 def _close_label(code: int | None) -> str:

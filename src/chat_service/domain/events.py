@@ -28,7 +28,8 @@ EventType = Literal[
 
 @dataclass(frozen=True)
 class Event:
-    """`data` is the JSON-ready payload clients receive; the ids say who it concerns."""
+    """`data` is the payload clients receive, plain values for orjson (datetimes included);
+    the ids say who it concerns."""
 
     type: EventType
     data: dict[str, Any] = field(default_factory=dict)

@@ -20,14 +20,18 @@ from chat_service.errors import InvalidInput
 from chat_service.models import Message, User
 from chat_service.schemas import MessagePage, MessagePublic
 
+# MessagePublic's fields as plain values, in its order: the author a plain dict, datetimes
+# as datetime. What frames and events carry, for orjson to write as pydantic would
+# (`orjson.OPT_UTC_Z`) without building a model per message.
+MessageFields = dict[str, Any]
+
 
 @dataclass(frozen=True)
 class Snapshot:
     """History for a WebSocket join, consistent with `last_seq`: every change up to it is in
-    `messages` (unless `truncated`), and every later change is a live event. Each message is
-    MessagePublic's fields as plain values, in its order, for an encoder to write as is."""
+    `messages` (unless `truncated`), and every later change is a live event."""
 
-    messages: list[dict[str, Any]]
+    messages: list[MessageFields]
     last_seq: int
     truncated: bool
 
@@ -175,7 +179,7 @@ PAGE_BEFORE = _with_access(_seq < sa.bindparam("before"), by=_seq, newest=True)
 PAGE_AFTER = _with_access(_change_seq > sa.bindparam("after"), by=_change_seq, newest=False)
 
 
-def _message_fields(row: Sequence[Any]) -> dict[str, Any]:
+def _message_fields(row: Sequence[Any]) -> MessageFields:
     """A row of `_with_access` as MessagePublic's fields. Unpacked by position: attribute
     access on a Row costs ten times as much, and this runs for every message read."""
     (

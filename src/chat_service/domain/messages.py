@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from limits import RateLimitItemPerSecond
 from sqlalchemy.exc import IntegrityError
@@ -30,7 +31,7 @@ from chat_service.domain import send_batch
 from chat_service.domain.access import OWNER, RoomNotFound, room_access
 from chat_service.domain.events import Event, EventSink, EventType
 from chat_service.domain.group_commit import GroupCommit
-from chat_service.domain.history import message_public
+from chat_service.domain.history import MessageFields, message_public
 from chat_service.errors import Conflict, Forbidden, InvalidInput, NotFound
 from chat_service.models import Membership, Message, Room, User
 from chat_service.ratelimit import RateLimiter, Rule
@@ -42,8 +43,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sent:
-    message: MessagePublic
-    created: bool  # False: this client_id was sent before and `message` is the original
+    fields: MessageFields  # what the ack and the event carry: no model built per send
+    created: bool  # False: this client_id was sent before and `fields` are the original's
+
+    @classmethod
+    def of(cls, message: MessagePublic, *, created: bool) -> Sent:
+        return cls(message.model_dump(), created)
+
+    @cached_property
+    def message(self) -> MessagePublic:
+        return MessagePublic.model_validate(self.fields)
 
 
 @dataclass(frozen=True)
@@ -149,14 +158,14 @@ class MessageService:
             kept = [index for place, index in enumerate(fresh) if place not in stored.vanished]
             for index, row in zip(kept, stored.rows, strict=True):
                 author = facts.authors[(row["room_id"], row["author_id"])]
-                outcomes[index] = Sent(MessagePublic(**row, author=author), created=True)
+                outcomes[index] = Sent(send_batch.message_fields(row, author), created=True)
             results = [_resolve(outcomes, index) for index in range(len(drafts))]
         for draft, result in zip(drafts, results, strict=True):
             if isinstance(result, Sent):
                 if draft.on_stored is not None:
                     draft.on_stored(result)
                 if result.created:
-                    self._announce("message.new", result.message)
+                    self._announce("message.new", result.fields)
         return results
 
     async def _fresh_drafts(
@@ -208,7 +217,7 @@ class MessageService:
             if client_id is not None:
                 original = await self._original(db, user_id, client_id, room_id)
                 if original is not None:
-                    return Sent(original, created=False)  # a resend costs no rate budget
+                    return Sent.of(original, created=False)  # a resend costs no rate budget
             await self._limiter.hit(self._rate, user_id)
             author = await db.get_one(User, user_id)  # now: after the commit nothing may fail
             seq = await _next_seq(db, room_id)
@@ -229,9 +238,9 @@ class MessageService:
                 original = await self._original(db, user_id, client_id, room_id)
                 if original is None:
                     raise
-                return Sent(original, created=False)
+                return Sent.of(original, created=False)
             public = message_public(message, author)
-        return Sent(public, created=True)
+        return Sent.of(public, created=True)
 
     async def edit(self, user_id: str, room_id: str, seq: int, body: str) -> MessagePublic:
         self._check_body(body)
@@ -249,7 +258,7 @@ class MessageService:
             db.add(message)
             public = message_public(message, await db.get_one(User, message.author_id))
             await db.commit()
-        self._announce("message.updated", public)
+        self._announce("message.updated", public.model_dump())
         return public
 
     async def delete(self, user_id: str, room_id: str, seq: int) -> None:
@@ -271,7 +280,7 @@ class MessageService:
             db.add(message)
             public = message_public(message, await db.get_one(User, message.author_id))
             await db.commit()
-        self._announce("message.deleted", public)
+        self._announce("message.deleted", public.model_dump())
 
     async def mark_read(self, user_id: str, room_id: str, seq: int) -> int:
         """Move my read cursor forward (never back, never past the room's last seq)."""
@@ -321,23 +330,21 @@ class MessageService:
             )
         return message_public(message, author)
 
-    def _announce(self, event_type: EventType, message: MessagePublic) -> None:
-        self._events.publish(
-            Event(event_type, {"message": message.model_dump(mode="json")}, room_id=message.room_id)
-        )
+    def _announce(self, event_type: EventType, message: MessageFields) -> None:
+        self._events.publish(Event(event_type, {"message": message}, room_id=message["room_id"]))
 
 
 def _resolve(outcomes: list[_Pending], index: int) -> Sent | BaseException:
     outcome = outcomes[index]
     if isinstance(outcome, _Same):
         first = _resolve(outcomes, outcome.index)
-        return Sent(first.message, created=False) if isinstance(first, Sent) else first
+        return Sent(first.fields, created=False) if isinstance(first, Sent) else first
     assert outcome is not None
     return outcome
 
 
-def _resend(original: MessagePublic, room_id: str) -> Sent | BaseException:
-    if original.room_id != room_id:
+def _resend(original: MessageFields, room_id: str) -> Sent | BaseException:
+    if original["room_id"] != room_id:
         return Conflict(
             "This client_id was already used for a message in another room",
             code="client_id_reused",

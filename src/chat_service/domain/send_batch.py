@@ -25,9 +25,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel import SQLModel
 
 from chat_service.domain.access import PUBLIC, NotMember, RoomNotFound
+from chat_service.domain.history import MessageFields
 from chat_service.errors import DomainError
 from chat_service.ids import new_id
-from chat_service.schemas import MessagePublic, UserSummary
+
+# UserSummary's fields, plain (MessageFields' author).
+AuthorFields = dict[str, str]
 
 
 class DraftLike(Protocol):
@@ -45,9 +48,9 @@ class DraftLike(Protocol):
 
 @dataclass(frozen=True)
 class Facts:
-    authors: dict[tuple[str, str], UserSummary]  # (room id, user id) -> author, members only
+    authors: dict[tuple[str, str], AuthorFields]  # (room id, user id) -> author, members only
     denied: dict[int, DomainError]  # draft index -> why its author may not post there
-    originals: dict[tuple[str, str], MessagePublic]  # (user id, client_id) -> sent before
+    originals: dict[tuple[str, str], MessageFields]  # (user id, client_id) -> sent before
 
 
 @dataclass(frozen=True)
@@ -111,19 +114,24 @@ def _denial(visibility: str | None) -> DomainError:
     return NotMember() if visibility == PUBLIC else RoomNotFound()
 
 
-def _public(row: Any, author: UserSummary) -> MessagePublic:
-    return MessagePublic(
-        id=row["id"],
-        room_id=row["room_id"],
-        seq=row["seq"],
-        change_seq=row["change_seq"],
-        author=author,
-        body=row["body"],
-        client_id=row["client_id"],
-        created_at=row["created_at"],
-        edited_at=row["edited_at"],
-        deleted=row["deleted"],
-    )
+def _author(user_id: str, username: str, display_name: str) -> AuthorFields:
+    return {"id": user_id, "username": username, "display_name": display_name}
+
+
+def message_fields(row: Any, author: AuthorFields) -> MessageFields:
+    """A stored message (a row or `_row`'s dict) with its author, as MessageFields."""
+    return {
+        "id": row["id"],
+        "room_id": row["room_id"],
+        "seq": row["seq"],
+        "change_seq": row["change_seq"],
+        "author": author,
+        "body": row["body"],
+        "client_id": row["client_id"],
+        "created_at": row["created_at"],
+        "edited_at": row["edited_at"],
+        "deleted": row["deleted"],
+    }
 
 
 # --- Postgres -------------------------------------------------------------------------------
@@ -181,18 +189,13 @@ async def _read_facts_postgres(connection: AsyncConnection, drafts: Sequence[Dra
     for row in result.mappings():
         index = row["i"] - 1
         draft = drafts[index]
+        author = _author(draft.user_id, row["username"], row["display_name"])
         if row["member"]:
-            author = UserSummary(
-                id=draft.user_id, username=row["username"], display_name=row["display_name"]
-            )
             facts.authors[(draft.room_id, draft.user_id)] = author
         else:
             facts.denied[index] = _denial(row["visibility"])
         if row["id"] is not None and draft.client_id is not None:
-            author = UserSummary(
-                id=draft.user_id, username=row["username"], display_name=row["display_name"]
-            )
-            facts.originals[(draft.user_id, draft.client_id)] = _public(row, author)
+            facts.originals[(draft.user_id, draft.client_id)] = message_fields(row, author)
     return facts
 
 
@@ -264,7 +267,7 @@ async def _read_facts_portable(connection: AsyncConnection, drafts: Sequence[Dra
         },
     )
     authors = {
-        (room_id, user_id): UserSummary(id=user_id, username=username, display_name=name)
+        (room_id, user_id): _author(user_id, username, name)
         for room_id, user_id, username, name in members
     }
     outsiders = {
@@ -282,7 +285,7 @@ async def _read_facts_portable(connection: AsyncConnection, drafts: Sequence[Dra
 
 async def _originals_portable(
     connection: AsyncConnection, drafts: Sequence[DraftLike]
-) -> dict[tuple[str, str], MessagePublic]:
+) -> dict[tuple[str, str], MessageFields]:
     keyed = {(d.user_id, d.client_id) for d in drafts if d.client_id is not None}
     if not keyed:
         return {}
@@ -297,10 +300,8 @@ async def _originals_portable(
     for row in rows.mappings():
         key = (row["author_id"], row["client_id"])
         if key in keyed:
-            author = UserSummary(
-                id=row["author_id"], username=row["username"], display_name=row["display_name"]
-            )
-            found[key] = _public(row, author)
+            author = _author(row["author_id"], row["username"], row["display_name"])
+            found[key] = message_fields(row, author)
     return found
 
 

@@ -37,7 +37,8 @@ def encode_event(event: Event) -> bytes:
             "room_id": event.room_id,
             "user_id": event.user_id,
             "session_id": event.session_id,
-        }
+        },
+        option=orjson.OPT_UTC_Z,  # datetimes as pydantic writes them, as frames have them
     )
 
 

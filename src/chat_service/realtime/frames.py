@@ -264,4 +264,15 @@ SERVER_FRAMES: list[type[ServerFrame]] = [
 
 
 def encode(frame: dict[str, Any]) -> bytes:
-    return orjson.dumps(frame)
+    """A frame from plain values; datetimes written as pydantic writes them."""
+    return orjson.dumps(frame, option=orjson.OPT_UTC_Z)
+
+
+def ack(ref: Ref, client_id: str, message: dict[str, Any]) -> bytes:
+    """`Ack` written from the message's plain fields (domain/history.py `MessageFields`):
+    one per send, so no model is built for it."""
+    frame: dict[str, Any] = {"type": "ack"}
+    if ref is not None:
+        frame["ref"] = ref
+    frame |= {"client_id": client_id, "message": message}
+    return encode(frame)

@@ -357,21 +357,20 @@ class Gateway:
             self._error(connection, "invalid_frame", "NUL characters are not allowed", ref)
             return
         frame_type = data.get("type")
-        model = frames.CLIENT_FRAMES.get(frame_type) if isinstance(frame_type, str) else None
-        if model is None:
+        if not isinstance(frame_type, str) or frame_type not in frames.CLIENT_FRAMES:
             code = "unknown_type" if isinstance(frame_type, str) else "invalid_frame"
             self._error(connection, code, f"Unknown frame type: {str(frame_type)[:40]!r}", ref)
             return
-        self._metrics.ws_frames_received.labels(frame_type).inc()
+        self._metrics.frame_received(frame_type)
         try:
-            frame = model.model_validate(data)
+            frame = frames.CLIENT_FRAMES[frame_type].model_validate(data)
         except ValidationError as exc:
             self._error(connection, "invalid_frame", _describe(exc), ref)
             return
         try:
-            await self._handlers[str(frame_type)](connection, frame)
+            await self._handlers[frame_type](connection, frame)
         except Exception as exc:  # every failure answers with an error frame; the socket lives on
-            self._fail(connection, str(frame_type), exc, ref)
+            self._fail(connection, frame_type, exc, ref)
 
     def _fail(
         self, connection: Connection, frame_type: str, exc: Exception, ref: str | int | None
@@ -451,8 +450,7 @@ class Gateway:
 
     async def _send(self, connection: Connection, frame: frames.MessageSend) -> None:
         def acknowledge(sent: Sent) -> None:  # committed, not yet announced
-            ack = frames.Ack(ref=frame.ref, client_id=frame.client_id, message=sent.message)
-            connection.offer(Outbound(ack.encode()))
+            connection.offer(Outbound(frames.ack(frame.ref, frame.client_id, sent.fields)))
 
         # Pipelined: the next frames are read while this one waits for its commit (a
         # connection's sends are stored in order all the same), up to a bound in number and
