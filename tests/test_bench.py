@@ -133,6 +133,21 @@ async def test_the_bench_database_is_dropped_afterwards(
     assert not await database_exists(created[0])
 
 
+def test_the_database_is_analyzed_between_the_warm_up_and_the_measured_steps(
+    fanout_run: tuple[Path, dict[str, Any], str],
+) -> None:
+    # Plans a server prepared against the empty tables of a new database would otherwise
+    # stay until autovacuum came by, and slow whichever target runs first.
+    _, _, stderr = fanout_run
+    lines = stderr.splitlines()
+    warm_up = next(i for i, line in enumerate(lines) if "chat-service round 1 warm-up" in line)
+    analyzed = next(i for i, line in enumerate(lines) if "analyzed the bench database" in line)
+    first = next(
+        i for i, line in enumerate(lines) if f"chat-service round 1 {RATES[0]:g}/s" in line
+    )
+    assert warm_up < analyzed < first
+
+
 # --- --source: chat-service from other sources, alternated with ours ------------------------
 
 

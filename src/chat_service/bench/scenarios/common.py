@@ -10,7 +10,6 @@ from pathlib import Path
 from chat_service.bench import report as rpt
 from chat_service.bench.accounts import Account
 from chat_service.bench.load import Member, Swarm, measure_step
-from chat_service.bench.proc import CpuMeter
 from chat_service.bench.report import ScenarioReport
 from chat_service.bench.runner import Bench, Live
 from chat_service.bench.servers import CHAT_SERVICE
@@ -117,15 +116,16 @@ async def room_swarm(
 
 
 async def sweep(
+    bench: Bench,
     swarm: Swarm,
     senders: Sequence[Member],
     live: Live,
     round_no: int,
     config: SweepConfig,
-    others: dict[str, CpuMeter],
 ) -> list[StepResult]:
     """A warm-up, then each rate in turn until the target collapses."""
     meter = live.meter()
+    others = bench.infra_meters()
 
     async def step(rate: float, label: str, duration_s: float) -> StepResult:
         result = await measure_step(
@@ -145,6 +145,7 @@ async def sweep(
         return result
 
     await step(config.rates[0], "warm-up", min(1.0, config.duration_s))
+    await bench.refresh_statistics()  # now that the warm-up has stored messages
     results: list[StepResult] = []
     for rate in config.rates:
         result = await step(rate, f"{rate:g}/s", config.duration_s)

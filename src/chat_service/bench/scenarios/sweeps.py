@@ -66,12 +66,7 @@ async def _fanout_run(
             live.pin()
             async with bench.profiling(live, label):
                 return await sweep(
-                    swarm,
-                    members[: config.senders],
-                    live,
-                    round_no,
-                    config.sweep,
-                    bench.infra_meters(),
+                    bench, swarm, members[: config.senders], live, round_no, config.sweep
                 )
         finally:
             await swarm.close_all()
@@ -171,7 +166,7 @@ async def _ingest_run(
         await swarm.settle()
         live.pin()
         async with bench.profiling(live, "ingest"):
-            return await sweep(swarm, members, live, round_no, config.sweep, bench.infra_meters())
+            return await sweep(bench, swarm, members, live, round_no, config.sweep)
     finally:
         await swarm.close_all()
 
